@@ -1,0 +1,6 @@
+"""simplenet_fast: fast, faithful SimpleNet (CVPR 2023) image anomaly detection."""
+from ._native import build_info
+from .head import SimpleNetHead
+
+__all__ = ["SimpleNetHead", "build_info"]
+__version__ = "0.1.0"

@@ -1,0 +1,104 @@
+"""The one checked entry point into the compiled fused head (STYLE.md, "The Python / C++ boundary").
+
+Every shape, dtype, device and contiguity check happens here, once; csrc/ trusts what it gets.
+CPU vs CUDA is dispatched here and nowhere else.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from ._fold import FoldedHead, resample_plan
+from ._native import native
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def check_features(head, features: Sequence[Tensor]) -> None:
+    """Raise a ValueError naming what was expected unless `features` fit `head`."""
+    if isinstance(features, Tensor) or not isinstance(features, (list, tuple)) or len(features) != 2:
+        raise ValueError("features must be a list of the two backbone maps "
+                         "[layer2 [B, C2, H2, W2], layer3 [B, C3, H3, W3]]")
+    for name, f, c in zip(("layer2", "layer3"), features, head.channels):
+        if not isinstance(f, Tensor):
+            raise ValueError(f"{name} features must be a torch.Tensor, got {type(f).__name__}")
+        if f.dim() != 4 or f.shape[1] != c or not f.is_floating_point():
+            raise ValueError(f"{name} features must be [B, {c}, H, W] floating point, "
+                             f"got {list(f.shape)} {str(f.dtype).replace('torch.', '')}")
+        if min(f.shape[2:]) <= 0:
+            raise ValueError(f"{name} features must have a non-empty grid, got {list(f.shape)}")
+    f2, f3 = features
+    if f2.shape[0] != f3.shape[0]:
+        raise ValueError(f"layer2 and layer3 batch sizes differ: {f2.shape[0]} vs {f3.shape[0]}")
+    if f2.device != f3.device or f2.dtype != f3.dtype:
+        raise ValueError(f"layer2 and layer3 must share device and dtype, got {f2.device}/{f2.dtype} "
+                         f"and {f3.device}/{f3.dtype}")
+    if f2.shape[0] and not (torch.isfinite(f2).all() and torch.isfinite(f3).all()):
+        raise ValueError("features contain NaN or Inf")
+
+
+def can_run(features: Sequence[Tensor]) -> bool:
+    """Whether the compiled extension has a kernel for these (already checked) features."""
+    module = native()
+    if module is None:
+        return False
+    device = features[0].device.type
+    if device == "cpu":
+        return features[0].dtype == torch.float32
+    if device == "cuda":
+        return hasattr(module, "fused_head_cuda")
+    return False
+
+
+def _resample(in_size: int, out_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(t.to(device) for t in resample_plan(in_size, out_size))
+
+
+@torch.no_grad()
+def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dtype = torch.float32) -> Tensor:
+    """[B, H2, W2] patch scores through the compiled kernels (SPEC 4); features already checked."""
+    module = native()
+    f2, f3 = features
+    device = f2.device
+    if module is None:
+        raise RuntimeError("the compiled extension simplenet_fast._C is not available; "
+                           "reinstall the package or use fused=False")
+    if not can_run(features):
+        raise ValueError(f"the fused head has no kernel for {device.type} {f2.dtype} features; "
+                         "use fused=False")
+    batch, _, h2, w2 = f2.shape
+    _, _, h3, w3 = f3.shape
+    scores = torch.empty(batch, h2, w2, dtype=torch.float32, device=device)
+    if batch == 0:
+        return scores
+    # One contiguous NCHW copy at most (channels-last and strided inputs land here).
+    f2, f3 = f2.contiguous(), f3.contiguous()
+    folded: FoldedHead = head.folded(device)
+    weight2, weight3 = folded.weight2, folded.weight3
+    if compute_dtype != torch.float32:
+        weight2, weight3 = head.folded_weights(device, compute_dtype)
+    workspace = torch.empty(batch * h3 * w3 * folded.hidden, dtype=torch.float32, device=device)
+    up_y = _resample(h3, h2, device)
+    up_x = _resample(w3, w2, device)
+    params = {
+        "batch": batch, "c2": f2.shape[1], "h2": h2, "w2": w2, "c3": f3.shape[1], "h3": h3, "w3": w3,
+        "hidden": folded.hidden, "feature_dtype": _DTYPE_CODES[f2.dtype],
+        "compute_dtype": _DTYPE_CODES[compute_dtype], "negative_slope": folded.negative_slope,
+        "pool2_index": folded.pool2.index.data_ptr(), "pool2_weight": folded.pool2.weight.data_ptr(),
+        "pool2_columns": folded.pool2.columns, "pool2_width": folded.pool2.width,
+        "pool3_index": folded.pool3.index.data_ptr(), "pool3_weight": folded.pool3.weight.data_ptr(),
+        "pool3_columns": folded.pool3.columns, "pool3_width": folded.pool3.width,
+        "up_y_i0": up_y[0].data_ptr(), "up_y_i1": up_y[1].data_ptr(), "up_y_lambda1": up_y[2].data_ptr(),
+        "up_x_i0": up_x[0].data_ptr(), "up_x_i1": up_x[1].data_ptr(), "up_x_lambda1": up_x[2].data_ptr(),
+        "layer2": f2.data_ptr(), "layer3": f3.data_ptr(),
+        "weight2": weight2.data_ptr(), "weight3": weight3.data_ptr(),
+        "bias": folded.bias.data_ptr(), "w_out": folded.w_out.data_ptr(),
+        "workspace": workspace.data_ptr(), "scores": scores.data_ptr(),
+    }
+    if device.type == "cpu":
+        module.fused_head_cpu(params)
+    else:
+        module.fused_head_cuda(params, torch.cuda.current_stream(device).cuda_stream)
+    return scores
