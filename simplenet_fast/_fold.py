@@ -126,11 +126,16 @@ def fold_head(head) -> FoldedHead:
 
 
 def pooled_features(feature: Tensor, plan: PoolPlanTensors) -> Tensor:
-    """[B, C, H, W] -> [B, columns, H*W]: the composed pooling, by gathering unfolded rows."""
+    """[B, C, H, W] -> [B, columns, H*W]: the composed pooling as one sparse matmul of the unfold."""
+    b, c, h, w = feature.shape
     unfolded = F.unfold(feature, kernel_size=PATCH_SIZE, padding=PATCH_SIZE // 2)  # [B, C*9, H*W]
-    gathered = unfolded[:, plan.index.long().flatten(), :]
-    gathered = gathered.reshape(feature.shape[0], plan.columns, plan.width, -1)
-    return torch.einsum("bcwl,cw->bcl", gathered, plan.weight.to(feature.dtype))
+    rows = torch.arange(plan.columns, device=feature.device).repeat_interleave(plan.width)
+    matrix = torch.sparse_coo_tensor(
+        torch.stack([rows, plan.index.flatten().long()]), plan.weight.flatten().to(feature.dtype),
+        (plan.columns, c * TAPS), check_invariants=False,
+    )
+    pooled = torch.sparse.mm(matrix, unfolded.transpose(0, 1).reshape(c * TAPS, b * h * w))
+    return pooled.reshape(plan.columns, b, h * w).transpose(0, 1)
 
 
 def upsample_hidden(hidden3: Tensor, size: tuple[int, int]) -> Tensor:

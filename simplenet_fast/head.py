@@ -152,15 +152,26 @@ class SimpleNetHead(nn.Module):
         return _fused.fused_patch_scores(self, features)
 
     def folded(self, device: torch.device | str = "cpu"):
-        """The SPEC 4 fold of the current weights, cached until any weight changes."""
+        """The SPEC 4 fold of the current weights on `device`, cached until any weight changes."""
         from ._fold import fold_head
 
         device = torch.device(device)
-        key = tuple((t.data_ptr(), t._version) for t in self._fold_inputs())
-        cached = self._fold_cache.get(device)
-        if cached is None or cached[0] != key:
-            cached = (key, fold_head(self).to(device))
-            self._fold_cache[device] = cached
+        return self._cached(("fold", device), lambda: fold_head(self).to(device))
+
+    def folded_weights(self, device: torch.device | str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(weight2, weight3) of the fold cast to `dtype` for tensor-core GEMMs, cached likewise."""
+        folded = self.folded(device)
+        return self._cached(("weights", torch.device(device), dtype),
+                            lambda: (folded.weight2.to(dtype), folded.weight3.to(dtype)))
+
+    def _cached(self, key, build):
+        # Keyed on every folded tensor's storage and version counter: an optimiser step,
+        # load_state_dict or load_official_state_dict bumps a version, and the fold is redone.
+        state = tuple((t.data_ptr(), t._version) for t in self._fold_inputs())
+        cached = self._fold_cache.get(key)
+        if cached is None or cached[0] != state:
+            cached = (state, build())
+            self._fold_cache[key] = cached
         return cached[1]
 
     def _fold_inputs(self) -> list[Tensor]:
