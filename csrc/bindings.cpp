@@ -79,6 +79,7 @@ py::dict build_info() {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "simplenet_fast compiled core: the fused SimpleNet head (SPEC.md section 4)";
+  m.attr("MAX_HIDDEN_SPLITS") = simplenet_fast::kMaxHiddenSplits;  // sizes the workspace (head.h)
   m.def("build_info", &build_info, "What this binary was compiled with, and the CPU path it runs");
   m.def(
       "fused_head_cpu",

@@ -10,6 +10,11 @@ namespace simplenet_fast {
 
 enum class DType : int32_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
+// At small batches the CUDA kernel lets up to this many blocks share one tile of locations, each
+// over part of hidden; each writes partial scores to the workspace, and a last launch adds them in
+// a fixed order (deterministic, no atomics).
+constexpr int32_t kMaxHiddenSplits = 8;
+
 // One layer's neighbourhood pooling, composed from SPEC 1.5 and 1.6 on the host, stored as a
 // padded sparse matrix ("ELL"): pooled column j at a location is
 //   sum_{t < width} weight[j*width + t] * unfolded[index[j*width + t]],
@@ -54,13 +59,15 @@ struct FusedHeadParams {
   const float* bias;       // [hidden] folded bias
   const float* w_out;      // [hidden] output layer weights
 
-  float* workspace;        // [B, H3, W3, hidden] the layer3 term at the layer3 grid
+  float* workspace;        // [workspace_floats]: the layer3 term at the layer3 grid
+                           // [B, H3, W3, hidden], then partial scores [kMaxHiddenSplits, B, H2, W2]
   float* scores;           // [B, H2, W2] output: minus the discriminator logit (SPEC 1.9)
 };
 
 // Bytes of `workspace` the kernels need for these sizes.
 inline int64_t workspace_floats(const FusedHeadParams& p) {
-  return static_cast<int64_t>(p.batch) * p.h3 * p.w3 * p.hidden;
+  return static_cast<int64_t>(p.batch) * p.h3 * p.w3 * p.hidden +
+         static_cast<int64_t>(kMaxHiddenSplits) * p.batch * p.h2 * p.w2;
 }
 
 // CPU: picks the widest vector path the running CPU supports (AVX-512, AVX2, scalar).

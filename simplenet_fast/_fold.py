@@ -120,7 +120,7 @@ def fold_head(head) -> FoldedHead:
         weight2=weight[:, pool2.target_dims].float().contiguous().cpu(),
         weight3=weight[:, pool3.target_dims].float().contiguous().cpu(),
         bias=bias.float().cpu(),
-        w_out=disc.tail.weight.reshape(-1).float().cpu(),
+        w_out=disc.tail.weight.detach().reshape(-1).float().cpu(),
         negative_slope=float(disc.negative_slope),
     )
 

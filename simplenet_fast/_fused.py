@@ -5,6 +5,7 @@ CPU vs CUDA is dispatched here and nowhere else.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -14,6 +15,9 @@ from ._fold import FoldedHead, resample_plan
 from ._native import native
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# What the compiled kernels take, per device type: feature dtypes and GEMM operand dtypes.
+_FEATURE_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16)}
+_COMPUTE_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16)}
 
 
 def check_features(head, features: Sequence[Tensor]) -> None:
@@ -45,20 +49,26 @@ def can_run(features: Sequence[Tensor]) -> bool:
     if module is None:
         return False
     device = features[0].device.type
-    if device == "cpu":
-        return features[0].dtype == torch.float32
-    if device == "cuda":
-        return hasattr(module, "fused_head_cuda")
-    return False
+    if device == "cuda" and not hasattr(module, "fused_head_cuda"):
+        return False
+    return features[0].dtype in _FEATURE_DTYPES.get(device, ())
 
 
-def _resample(in_size: int, out_size: int, device) -> tuple[Tensor, Tensor, Tensor]:
+@functools.lru_cache(maxsize=64)
+def _resample(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    # Cached: a host-to-device copy cannot happen inside CUDA graph capture (the first call, outside
+    # the capture, fills the cache).
     return tuple(t.to(device) for t in resample_plan(in_size, out_size))
 
 
 @torch.no_grad()
-def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dtype = torch.float32) -> Tensor:
-    """[B, H2, W2] patch scores through the compiled kernels (SPEC 4); features already checked."""
+def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dtype = torch.float32,
+                       out: Tensor | None = None) -> Tensor:
+    """[B, H2, W2] patch scores through the compiled kernels (SPEC 4); features already checked.
+
+    `out`, if given, is a contiguous float32 [B, H2, W2] tensor on the features' device that
+    receives the scores (and is returned): tests poison it, CUDA graphs reuse it.
+    """
     module = native()
     f2, f3 = features
     device = f2.device
@@ -68,9 +78,19 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
     if not can_run(features):
         raise ValueError(f"the fused head has no kernel for {device.type} {f2.dtype} features; "
                          "use fused=False")
+    if compute_dtype not in _COMPUTE_DTYPES.get(device.type, ()):
+        raise ValueError(f"compute_dtype must be one of {_COMPUTE_DTYPES.get(device.type, ())} on "
+                         f"{device.type}, got {compute_dtype}")
     batch, _, h2, w2 = f2.shape
     _, _, h3, w3 = f3.shape
-    scores = torch.empty(batch, h2, w2, dtype=torch.float32, device=device)
+    if out is None:
+        scores = torch.empty(batch, h2, w2, dtype=torch.float32, device=device)
+    elif (out.shape != (batch, h2, w2) or out.dtype != torch.float32 or out.device != device
+          or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous [{batch}, {h2}, {w2}] float32 tensor on {device}, "
+                         f"got {list(out.shape)} {out.dtype} on {out.device}")
+    else:
+        scores = out
     if batch == 0:
         return scores
     # One contiguous NCHW copy at most (channels-last and strided inputs land here).
@@ -79,7 +99,9 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
     weight2, weight3 = folded.weight2, folded.weight3
     if compute_dtype != torch.float32:
         weight2, weight3 = head.folded_weights(device, compute_dtype)
-    workspace = torch.empty(batch * h3 * w3 * folded.hidden, dtype=torch.float32, device=device)
+    # The layer3 term [B, H3, W3, hidden], then the CUDA kernel's partial scores (csrc/head.h).
+    workspace = torch.empty(batch * h3 * w3 * folded.hidden + module.MAX_HIDDEN_SPLITS * batch * h2 * w2,
+                            dtype=torch.float32, device=device)
     up_y = _resample(h3, h2, device)
     up_x = _resample(w3, w2, device)
     params = {
@@ -100,5 +122,6 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
     if device.type == "cpu":
         module.fused_head_cpu(params)
     else:
-        module.fused_head_cuda(params, torch.cuda.current_stream(device).cuda_stream)
+        with torch.cuda.device(device):  # the runtime reads the current device (shared memory limit)
+            module.fused_head_cuda(params, torch.cuda.current_stream(device).cuda_stream)
     return scores
