@@ -11,7 +11,10 @@ import torch
 from simplenet_fast import SimpleNetHead
 
 HERE = Path(__file__).resolve().parent
-FIXTURES = HERE.parent.parent / "shared" / "fixtures" / "official_head"
+# The project's shared fixtures sit beside the clone; SIMPLENET_FAST_FIXTURES points elsewhere
+# (e.g. a copy carried to a GPU machine).
+FIXTURES = Path(os.environ.get("SIMPLENET_FAST_FIXTURES",
+                               HERE.parent.parent / "shared" / "fixtures" / "official_head"))
 # case_odd is small enough to ship (0.4 MB): fidelity is then tested in a user's own clone too.
 LOCAL_FIXTURES = HERE / "data"
 
