@@ -28,6 +28,9 @@ def check_features(head, features: Sequence[Tensor]) -> None:
     for name, f, c in zip(("layer2", "layer3"), features, head.channels):
         if not isinstance(f, Tensor):
             raise ValueError(f"{name} features must be a torch.Tensor, got {type(f).__name__}")
+        if f.layout != torch.strided or f.is_meta:
+            raise ValueError(f"{name} features must be a dense tensor with data, got layout "
+                             f"{f.layout} on {f.device}")
         if f.dim() != 4 or f.shape[1] != c or not f.is_floating_point():
             raise ValueError(f"{name} features must be [B, {c}, H, W] floating point, "
                              f"got {list(f.shape)} {str(f.dtype).replace('torch.', '')}")
@@ -43,6 +46,27 @@ def check_features(head, features: Sequence[Tensor]) -> None:
         raise ValueError("features contain NaN or Inf")
 
 
+# The kernels take sizes as int32 fields (csrc/head.h), and the CUDA kernels form B*H*W (grid
+# locations, plus up to one block of slack in ceil_div) and C*H*W (a channel offset within one
+# image) in int32. Larger inputs would overflow, which is undefined behaviour: they are refused
+# here (fused=True) or left to the reference (fused=None). The CPU kernel indexes in int64, but one
+# rule for both devices keeps every check in this file.
+_INT32_MAX = 2**31 - 1
+_MAX_LOCATIONS = _INT32_MAX - 1024
+
+
+def size_error(features: Sequence[Tensor]) -> str | None:
+    """Why the kernels cannot index these (already checked) features, or None if they can."""
+    for name, f in zip(("layer2", "layer3"), features):
+        b, c, h, w = f.shape
+        if b * h * w > _MAX_LOCATIONS or c * h * w > _INT32_MAX:
+            return (f"{name} features {list(f.shape)} are too large for the fused head: it "
+                    f"indexes B*H*W (here {b * h * w}) and C*H*W (here {c * h * w}) in 32 bits, "
+                    f"up to {_MAX_LOCATIONS} and {_INT32_MAX}; score fewer images at a time or use "
+                    "fused=False")
+    return None
+
+
 def can_run(features: Sequence[Tensor]) -> bool:
     """Whether the compiled extension has a kernel for these (already checked) features."""
     module = native()
@@ -51,7 +75,7 @@ def can_run(features: Sequence[Tensor]) -> bool:
     device = features[0].device.type
     if device == "cuda" and not hasattr(module, "fused_head_cuda"):
         return False
-    return features[0].dtype in _FEATURE_DTYPES.get(device, ())
+    return features[0].dtype in _FEATURE_DTYPES.get(device, ()) and size_error(features) is None
 
 
 @functools.lru_cache(maxsize=64)
@@ -75,6 +99,9 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
     if module is None:
         raise RuntimeError("the compiled extension simplenet_fast._C is not available; "
                            "reinstall the package or use fused=False")
+    too_large = size_error(features)
+    if too_large is not None:
+        raise ValueError(too_large)
     if not can_run(features):
         raise ValueError(f"the fused head has no kernel for {device.type} {f2.dtype} features; "
                          "use fused=False")

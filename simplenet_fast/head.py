@@ -91,6 +91,7 @@ class SimpleNetHead(nn.Module):
     def reset_parameters(self) -> None:
         """Official init (SPEC 2): xavier_normal_ Linear weights, default biases, BN 1 / 0."""
         for module in (self.adaptor, self.discriminator.linear, self.discriminator.tail):
+            module.reset_parameters()  # torch's default bias init, as the official code keeps it
             nn.init.xavier_normal_(module.weight)
         self.discriminator.bn.reset_parameters()
 
@@ -145,11 +146,17 @@ class SimpleNetHead(nn.Module):
         if fused is None:
             fused = _fused.can_run(features) and not _needs_grad(features)
         if not fused:
-            return self.reference_patch_scores(features)
-        if _needs_grad(features):
+            # The reference runs in the head's dtype: float16 / bfloat16 features (which have no
+            # CPU kernel) are widened to it rather than failing inside F.linear.
+            dtype = self.adaptor.weight.dtype
+            scores = self.reference_patch_scores([f.to(dtype) for f in features])
+        elif _needs_grad(features):
             raise ValueError("the fused head is inference-only: features require grad; "
                              "use fused=False to differentiate through the reference")
-        return _fused.fused_patch_scores(self, features)
+        else:
+            scores = _fused.fused_patch_scores(self, features)
+        check_scores(scores)
+        return scores
 
     def folded(self, device: torch.device | str = "cpu"):
         """The SPEC 4 fold of the current weights on `device`, cached until any weight changes."""
@@ -204,6 +211,17 @@ class SimpleNetHead(nn.Module):
             raise ValueError(f"official checkpoint lacks {missing}; only the run.sh layout "
                              "(pre_proj 1, dsc_layers 2) is supported")
         self.load_state_dict({k: torch.as_tensor(v) for k, v in renamed.items()})
+
+
+def check_scores(scores: Tensor) -> None:
+    """SPEC 6, "NaN never passes": finite features can still give non-finite scores (weights with
+    NaN / Inf, or features so large that the head overflows float32); raise instead of returning
+    them."""
+    if scores.numel() and not bool(torch.isfinite(scores).all()):
+        bad = int((~torch.isfinite(scores)).sum())
+        raise ValueError(f"the head produced NaN or Inf for {bad} of {scores.numel()} patch scores "
+                         "from finite features: its weights hold NaN / Inf, or the features are "
+                         "too large for float32")
 
 
 def _needs_grad(features: Sequence[Tensor]) -> bool:

@@ -11,36 +11,38 @@ from torch import Tensor
 TRUNCATE = 4.0  # scipy.ndimage.gaussian_filter's default: radius = int(4 * sigma + 0.5)
 
 
-@functools.lru_cache(maxsize=16)
-def _gaussian_taps(sigma: float) -> Tensor:
+# Constants are cached per device: a host-to-device copy cannot happen inside CUDA graph capture,
+# so the first (eager) call fills the cache and captured calls only read it.
+@functools.lru_cache(maxsize=64)
+def _gaussian_taps(sigma: float, device: torch.device, dtype: torch.dtype) -> Tensor:
     """scipy's 1-D Gaussian kernel, normalised in float64 (33 taps for sigma 4)."""
     radius = int(TRUNCATE * sigma + 0.5)
     x = torch.arange(-radius, radius + 1, dtype=torch.float64)
     taps = torch.exp(-0.5 * (x / sigma) ** 2)
-    return taps / taps.sum()
+    return (taps / taps.sum()).to(device=device, dtype=dtype)
 
 
-@functools.lru_cache(maxsize=64)
-def _reflect_index(length: int, radius: int) -> Tensor:
+@functools.lru_cache(maxsize=256)
+def _reflect_index(length: int, radius: int, device: torch.device) -> Tensor:
     """Indices of scipy mode='reflect' padding (dcba|abcd|dcba): the edge sample repeats.
 
     torch's pad(mode='reflect') is scipy's 'mirror' (dcb|abcd|cba), so it cannot be used (SPEC
     1.10). The period-2n fold also covers radii longer than the axis.
     """
     i = torch.arange(-radius, length + radius) % (2 * length)
-    return torch.where(i >= length, 2 * length - 1 - i, i)
+    return torch.where(i >= length, 2 * length - 1 - i, i).to(device)
 
 
 def gaussian_blur(maps: Tensor, sigma: float = 4.0) -> Tensor:
     """Separable Gaussian blur of [B, H, W] with scipy's 'reflect' boundary, truncate 4."""
     if sigma <= 0:
         return maps
-    taps = _gaussian_taps(float(sigma)).to(device=maps.device, dtype=maps.dtype)
+    taps = _gaussian_taps(float(sigma), maps.device, maps.dtype)
     radius = taps.numel() // 2
     b, h, w = maps.shape
     out = maps
     for axis, length in ((1, h), (2, w)):
-        index = _reflect_index(length, radius).to(maps.device)
+        index = _reflect_index(length, radius, maps.device)
         padded = out.index_select(axis, index)
         # Move the blurred axis last and convolve every line with the same 1-D kernel.
         lines = padded.movedim(axis, -1)
