@@ -1,12 +1,20 @@
 // Run-time choice of the CPU vector path (STYLE.md: never -march=native in a wheel).
-// csrc/cpu/head_kernel.cpp is compiled once per ISA into its own namespace; this file picks one.
+// csrc/cpu/head_kernel.cpp is compiled once per ISA into its own namespace; this file picks one:
+// the widest the running CPU supports, capped by the environment variable
+//   SIMPLENET_FAST_CPU_ISA=avx512|avx2|scalar
+// read once when the module loads (tests use it to run the narrower paths on a wide CPU; a
+// value wider than the CPU supports, or an unknown one, leaves the detected path).
+#include <cstdlib>
+#include <cstring>
+
 #include "head.h"
 #include "cpu/head_kernel.h"
 
 namespace simplenet_fast {
 namespace {
 
-enum class Isa { kAvx512, kAvx2, kScalar };
+// Ordered narrowest first, so that a cap is a min().
+enum class Isa { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
 
 Isa detect_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -21,7 +29,17 @@ Isa detect_isa() {
   return Isa::kScalar;
 }
 
-const Isa kIsa = detect_isa();
+Isa choose_isa() {
+  const Isa detected = detect_isa();
+  const char* cap = std::getenv("SIMPLENET_FAST_CPU_ISA");
+  if (cap == nullptr) return detected;
+  Isa wanted = detected;
+  if (std::strcmp(cap, "scalar") == 0) wanted = Isa::kScalar;
+  if (std::strcmp(cap, "avx2") == 0) wanted = Isa::kAvx2;
+  return static_cast<int>(wanted) < static_cast<int>(detected) ? wanted : detected;
+}
+
+const Isa kIsa = choose_isa();
 
 }  // namespace
 
