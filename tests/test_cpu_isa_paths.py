@@ -35,13 +35,15 @@ print(json.dumps({"isa": build_info()["cpu_isa"], "errors": errors}))
 
 
 @pytest.mark.parametrize("isa", ["avx2", "scalar"])
-def test_narrower_cpu_paths_match_the_reference(isa, generator):
+def test_narrower_cpu_paths_match_the_reference(isa, generator, tmp_path):
     if isa == "avx2" and build_info()["cpu_isa"] == "scalar":
         pytest.skip("this CPU has no AVX2")
     env = dict(os.environ, SIMPLENET_FAST_CPU_ISA=isa)
     seed = str(generator.initial_seed() % 2**31)
+    # cwd elsewhere: `python -c` puts the working directory first on sys.path, and a source
+    # checkout there would shadow the installed (compiled) package.
     out = subprocess.run([sys.executable, "-c", SCRIPT, os.path.dirname(__file__), seed], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout.strip().splitlines()[-1])
     assert report["isa"] == isa
