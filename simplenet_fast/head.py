@@ -155,7 +155,7 @@ class SimpleNetHead(nn.Module):
                              "use fused=False to differentiate through the reference")
         else:
             scores = _fused.fused_patch_scores(self, features)
-        check_scores(scores)
+        check_scores(scores, features)
         return scores
 
     def folded(self, device: torch.device | str = "cpu"):
@@ -213,11 +213,15 @@ class SimpleNetHead(nn.Module):
         self.load_state_dict({k: torch.as_tensor(v) for k, v in renamed.items()})
 
 
-def check_scores(scores: Tensor) -> None:
-    """SPEC 6, "NaN never passes": finite features can still give non-finite scores (weights with
-    NaN / Inf, or features so large that the head overflows float32); raise instead of returning
-    them."""
+def check_scores(scores: Tensor, features: Sequence[Tensor] = ()) -> None:
+    """SPEC 6, "NaN never passes": raise instead of returning non-finite scores.
+
+    Non-finite features always reach the scores (the pooling multiplies every gathered value,
+    and 0 * NaN is NaN), so the inputs are inspected only then, to say which side is at fault.
+    """
     if scores.numel() and not bool(torch.isfinite(scores).all()):
+        if any(not bool(torch.isfinite(f).all()) for f in features):
+            raise ValueError("features contain NaN or Inf")
         bad = int((~torch.isfinite(scores)).sum())
         raise ValueError(f"the head produced NaN or Inf for {bad} of {scores.numel()} patch scores "
                          "from finite features: its weights hold NaN / Inf, or the features are "

@@ -208,7 +208,7 @@ class SimpleNet(nn.Module):
             scores = self.head.reference_patch_scores([f.float() for f in features])
         scores = scores.float()
         if check:
-            check_scores(scores)
+            check_scores(scores, features)
         pred_score = scores.amax(dim=(1, 2))
         amap = _anomaly_map(scores, (self.image_size, self.image_size), self.sigma)
         return scores, pred_score, amap
