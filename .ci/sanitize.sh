@@ -18,5 +18,24 @@ export LD_PRELOAD="$(g++ -print-file-name=libasan.so):$(g++ -print-file-name=lib
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
 export PYTHONPATH="$PWD/$stage${PYTHONPATH:+:$PYTHONPATH}"
-python -c "import simplenet_fast, sys; info = simplenet_fast.build_info(); print(info); sys.exit(0 if info['sanitizers'] else 1)"
-pytest -q -p no:cacheprovider "${@:-tests/test_fused.py}"
+# From another directory: `python -c` puts the current directory first on sys.path, and the
+# source tree's simplenet_fast (no _C) would shadow the staged, sanitized one.
+(cd / && python -c "import simplenet_fast, sys; info = simplenet_fast.build_info(); \
+print(simplenet_fast.__file__, info); sys.exit(0 if info.get('sanitizers') else 1)")
+# The last result is kept in .ci/sanitize.last (date, commit, arguments, pytest's summary line).
+log=$build/pytest.log
+status=0
+pytest -q -p no:cacheprovider "${@:-tests/test_fused.py}" 2>&1 | tee "$log" || status=$?
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "commit: $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo ' (working tree modified)')"
+  echo "command: .ci/sanitize.sh ${*:-tests/test_fused.py}"
+  echo "python: $(python -c 'import sys, torch; print(sys.version.split()[0], "torch", torch.__version__)')"
+  echo "build_info: $(cd / && python -c 'import simplenet_fast; print(simplenet_fast.build_info())')"
+  echo "SIMPLENET_FAST_CPU_ISA: ${SIMPLENET_FAST_CPU_ISA:-(unset: widest the CPU has)}"
+  echo "exit status: $status"
+  echo "result: $(grep -E '(passed|failed|error)' "$log" | tail -1)"
+  grep -E '^==[0-9]+==|SUMMARY: (Address|UndefinedBehavior)Sanitizer|runtime error:' "$log" | head -20 || true
+} > .ci/sanitize.last
+cat .ci/sanitize.last
+exit "$status"

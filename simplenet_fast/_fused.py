@@ -42,8 +42,8 @@ def check_features(head, features: Sequence[Tensor]) -> None:
     if f2.device != f3.device or f2.dtype != f3.dtype:
         raise ValueError(f"layer2 and layer3 must share device and dtype, got {f2.device}/{f2.dtype} "
                          f"and {f3.device}/{f3.dtype}")
-    # NaN / Inf are caught on the (much smaller) scores, which they always reach: see
-    # head.check_scores. Checking the maps here would cost a full pass over them per call.
+    # NaN / Inf are caught on the (much smaller) scores, which every value the answer depends on
+    # reaches: see head.check_scores. Checking the maps here costs a full pass over them per call.
 
 
 # The kernels take sizes as int32 fields (csrc/head.h), and the CUDA kernels form B*H*W (grid

@@ -216,8 +216,9 @@ class SimpleNetHead(nn.Module):
 def check_scores(scores: Tensor, features: Sequence[Tensor] = ()) -> None:
     """SPEC 6, "NaN never passes": raise instead of returning non-finite scores.
 
-    Non-finite features always reach the scores (the pooling multiplies every gathered value,
-    and 0 * NaN is NaN), so the inputs are inspected only then, to say which side is at fault.
+    Every feature value the answer depends on reaches the scores (the pooling multiplies each
+    gathered value, and 0 * NaN is NaN), so the inputs are inspected only when the scores are
+    not finite, to say which side is at fault.
     """
     if scores.numel() and not bool(torch.isfinite(scores).all()):
         if any(not bool(torch.isfinite(f).all()) for f in features):

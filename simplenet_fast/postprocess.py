@@ -70,6 +70,10 @@ def anomaly_map(patch_scores: Tensor, size: tuple[int, int] | int, sigma: float 
         raise ValueError(f"size must be (H, W) with positive entries, got {size}")
     if not math.isfinite(sigma) or sigma < 0:
         raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
+    if sigma > max(size):
+        # Bounded so that a huge sigma cannot allocate 8*sigma+1 taps and stall for minutes.
+        raise ValueError(f"sigma must be <= the map's longer side ({max(size)}), got {sigma}: a "
+                         "wider blur only flattens the map")
     if patch_scores.shape[0] == 0:
         return patch_scores.new_empty(0, *size)
     upsampled = F.interpolate(patch_scores[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
