@@ -43,15 +43,18 @@ EXIT_INTERRUPTED = 130
 PROG = "simplenet-fast"
 
 # Defaults per backbone. WideResNet-50-2: the paper's configuration (SPEC 1). EfficientNet-Lite0
-# (40 and 112 channels: 360 and 1008 unfolded values per location, SPEC 7 says 1536-wide embeddings
-# are wasteful): 256-wide embeddings and a 256-wide discriminator, the sizes the demo runs with.
+# (40 and 112 channels: 360 and 1008 unfolded values per location, so SPEC 7's 1536-wide embeddings
+# are wasteful): chosen on ELPV validation data only (held-out training normals and the p=1/3
+# cells the protocol never tests; bench/RESULTS.md): 224 px, 128-wide embeddings and
+# discriminator, and training noise 1.0 (Lite0's embeddings have std ~3, so the paper's 0.015,
+# tuned for WideResNet features, is negligible against them), 5 epochs.
 BACKBONE_DEFAULTS = {
     "wide_resnet50_2": {"image_size": 288, "resize": 329, "pretrain_embed_dim": 1536,
-                        "target_embed_dim": 1536, "hidden": 1024},
-    "efficientnet_lite0": {"image_size": 288, "resize": 329, "pretrain_embed_dim": 256,
-                           "target_embed_dim": 256, "hidden": 256},
+                        "target_embed_dim": 1536, "hidden": 1024, "noise_std": 0.015},
+    "efficientnet_lite0": {"image_size": 224, "resize": 256, "pretrain_embed_dim": 128,
+                           "target_embed_dim": 128, "hidden": 128, "noise_std": 1.0},
 }
-DEMO_EPOCHS = 10
+DEMO_EPOCHS = 5
 QUICK = {"train": 16, "test_normal": 6, "test_defective": 6}
 
 
@@ -135,17 +138,22 @@ def _model_options(default_backbone: str = "wide_resnet50_2",
                         "package), the path of a local state-dict file, or 'none' for random "
                         f"init (default: {default_weights})")
     g.add_argument("--image-size", type=_positive_int, default=None,
-                   help="side of the centre crop the model sees (default: 288)")
+                   help="side of the centre crop the model sees (default: 288 for "
+                        "wide_resnet50_2, 224 for efficientnet_lite0)")
     g.add_argument("--resize", type=_positive_int, default=None,
-                   help="short side the image is resized to before the crop (default: 329 with "
-                        "the default image size, else image size * 329/288)")
+                   help="short side the image is resized to before the crop (default: 329 / 256 "
+                        "with the default image size, else image size * 329/288)")
     g.add_argument("--pretrain-embed-dim", type=_positive_int, default=None,
-                   help="per-layer pooled feature length (default: 1536 for wide_resnet50_2, 256 "
+                   help="per-layer pooled feature length (default: 1536 for wide_resnet50_2, 128 "
                         "for efficientnet_lite0)")
     g.add_argument("--target-embed-dim", type=_positive_int, default=None,
-                   help="patch feature length, the adaptor's width (default: 1536 / 256)")
+                   help="patch feature length, the adaptor's width (default: 1536 / 128)")
     g.add_argument("--hidden", type=_positive_int, default=None,
-                   help="discriminator hidden width (default: 1024 / 256)")
+                   help="discriminator hidden width (default: 1024 / 128)")
+    g.add_argument("--noise-std", type=_finite, default=None,
+                   help="std of the Gaussian noise that makes fake features in training "
+                        "(default: 0.015, the paper's, for wide_resnet50_2; 1.0 for "
+                        "efficientnet_lite0)")
     return p
 
 
@@ -417,6 +425,7 @@ def _model_config(args) -> dict:
         "pretrain_embed_dim": args.pretrain_embed_dim or defaults["pretrain_embed_dim"],
         "target_embed_dim": args.target_embed_dim or defaults["target_embed_dim"],
         "hidden": args.hidden or defaults["hidden"],
+        "noise_std": defaults["noise_std"] if args.noise_std is None else args.noise_std,
     }
 
 
