@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (an H200; METHOD.md "Fit the lease"): build the extension with
-# CUDA for sm_90 only, run the CUDA tests, time the fused head, run compute-sanitizer on small
-# cases. Every step runs even if an earlier one failed; each step's time limit comes out of one
-# budget (GPU_CHECK_BUDGET_S, default 360 s). Full logs go to $OUT (at most 8 files come back);
-# the last thing printed is a short summary.
+# CUDA for sm_90 only, run the CUDA tests, time the fused head and the end-to-end pipeline
+# (bench/bench_gpu_e2e.py), run compute-sanitizer on small cases. Every step runs even if an
+# earlier one failed; each step's time limit comes out of one budget (GPU_CHECK_BUDGET_S, default
+# 360 s). Full logs go to $OUT (at most 8 files come back); the last thing printed is a short
+# summary.
 #
 #   bash bench/gpu_check.sh        (from anywhere; the repository root is found from this path)
 set -u
@@ -90,6 +91,20 @@ case $? in
 esac
 note "bench ${STATUS[bench]}"
 
+# ------------------------------------------------------------------------- end-to-end benchmark
+# WideResNet-50-2 at 288, batch 1 / 32, float32 / bf16: score() fused and reference, eager and
+# CUDA graph, the official-style baseline, the device path alone. Its JSON is the RESULTS_JSON
+# line of the log (no extra file: at most 8 come back).
+note "end-to-end benchmark ..."
+timeout "$(limit 150)" "$PY" bench/bench_gpu_e2e.py > "$OUT/bench_e2e.log" 2>&1
+case $? in
+  0) STATUS[e2e]=OK ;;
+  2) STATUS[e2e]="CHECK-FAILED" ;;
+  124) STATUS[e2e]=TIMEOUT ;;
+  *) STATUS[e2e]=FAIL ;;
+esac
+note "e2e ${STATUS[e2e]}"
+
 # ------------------------------------------------------------------------- compute-sanitizer
 # Small cases, our kernels only: out-of-bounds (memcheck) and shared-memory races (racecheck)
 # that the results may not show. Works on Firecracker machines, not on gVisor (KINDS.md).
@@ -149,7 +164,7 @@ run_sanitizer racecheck 90 odd paper1
   echo
   echo "=================== gpu_check summary ($(elapsed) s; logs in $OUT) ==================="
   grep -m1 -E "H200|H100|NVIDIA" "$OUT/env.txt" | head -1
-  for step in build import tests bench memcheck racecheck; do
+  for step in build import tests bench e2e memcheck racecheck; do
     printf '%-10s %s\n' "$step" "${STATUS[$step]:-not run}"
   done
   echo "tests: $TESTS_LINE"
@@ -174,4 +189,7 @@ EOF
   echo "--- benchmark"
   sed -n '/^=== fused head vs reference/,$p' "$OUT/bench.log"
   grep -E "Error|error" "$OUT/bench.log" | head -5
+  echo "--- end-to-end benchmark"
+  sed -n '/^=== end-to-end/,$p' "$OUT/bench_e2e.log"
+  grep -E "Error|error" "$OUT/bench_e2e.log" | grep -v "^RESULTS_JSON" | head -5
 } | tee "$OUT/summary.txt"
