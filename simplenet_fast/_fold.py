@@ -69,12 +69,12 @@ def pooling_plans(channels: tuple[int, int], pretrain_dim: int, target_dim: int
 
 
 def resample_plan(in_size: int, out_size: int) -> tuple[Tensor, Tensor, Tensor]:
-    """torch's bilinear index rule, align_corners=False (SPEC 1.4): i0, i1 int32, lambda1 float32."""
+    """torch's bilinear index rule, align_corners=False (SPEC 1.4): i0, i1 int32, lambda1 float64."""
     dst = torch.arange(out_size, dtype=torch.float64)
     src = ((dst + 0.5) * (in_size / out_size) - 0.5).clamp(min=0.0)
     i0 = src.floor().to(torch.int64).clamp(max=in_size - 1)
     i1 = (i0 + 1).clamp(max=in_size - 1)
-    return i0.int(), i1.int(), (src - i0).float()
+    return i0.int(), i1.int(), src - i0
 
 
 @dataclass(frozen=True)

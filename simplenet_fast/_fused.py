@@ -82,7 +82,8 @@ def can_run(features: Sequence[Tensor]) -> bool:
 def _resample(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
     # Cached: a host-to-device copy cannot happen inside CUDA graph capture (the first call, outside
     # the capture, fills the cache).
-    return tuple(t.to(device) for t in resample_plan(in_size, out_size))
+    i0, i1, lambda1 = resample_plan(in_size, out_size)
+    return i0.to(device), i1.to(device), lambda1.float().to(device)
 
 
 @torch.no_grad()

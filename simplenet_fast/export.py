@@ -17,8 +17,8 @@ TensorRT, OpenVINO, ...):
   in the unfold order ``c*9 + ky*3 + kx``, a Gather of each pooling plan's index and a weighted
   sum (never materialising the upsampled layer3 unfold), MatMul with the folded weights, a
   bilinear Resize (``align_corners=False``) of the layer3 hidden term, bias, LeakyReLU, a dot with
-  the output weights and a negation. The blur's 'reflect' padding is a Gather of precomputed
-  indices followed by a Conv per axis.
+  the output weights and a negation. The map's upsample and blur are two MatMuls with constant
+  per-axis matrices (`postprocess.axis_operator`), the same ones PyTorch scoring uses.
 - The model's thresholds and how they were set are stored as metadata (``image_threshold``,
   ``pixel_threshold``, ``threshold_source``, ``image_size``, ``resize``, ``input_format``, ...)
   when the ``onnx`` package is installed; `onnx_metadata(path)` reads them back.
@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._fold import TAPS
-from .postprocess import TRUNCATE
+from .postprocess import axis_operator
 
 __all__ = ["export_onnx", "check_onnx", "onnx_metadata", "OnnxScoring", "INPUT_FORMATS"]
 
@@ -93,12 +93,13 @@ class OnnxScoring(nn.Module):
             raise ValueError(f"backbone gives {f2.shape[1]}, {f3.shape[1]} channels but the head "
                              f"expects {self.channels}")
 
-        self.sigma = float(model.sigma)
-        if self.sigma > 0:
-            taps, reflect = blur_constants(self.sigma, self.size)
-            self.register_buffer("taps_h", taps.view(1, 1, -1, 1))
-            self.register_buffer("taps_w", taps.view(1, 1, 1, -1))
-            self.register_buffer("reflect", reflect)
+        # SPEC 1.10's upsample and blur are linear and separable: two constant matrices, the same
+        # ones `postprocess.anomaly_map` multiplies by.
+        cpu = torch.device("cpu")
+        self.register_buffer("map_rows", axis_operator(self.grid2[0], self.size, float(model.sigma),
+                                                       cpu, torch.float32).clone())
+        self.register_buffer("map_cols", axis_operator(self.grid2[1], self.size, float(model.sigma),
+                                                       cpu, torch.float32).T.contiguous())
 
     # ------------------------------------------------------------------------------ pieces
     def _pool(self, f: Tensor, index: Tensor, weight: Tensor, channels: int, columns: int,
@@ -129,13 +130,7 @@ class OnnxScoring(nn.Module):
         return -logits.reshape(-1, h2, w2)
 
     def anomaly_map(self, scores: Tensor) -> Tensor:
-        m = F.interpolate(scores.unsqueeze(1), size=(self.size, self.size), mode="bilinear",
-                          align_corners=False)
-        if self.sigma > 0:
-            # scipy 'reflect' (dcba|abcd|dcba) as a Gather of indices, then one Conv per axis.
-            m = F.conv2d(m.index_select(2, self.reflect), self.taps_h)
-            m = F.conv2d(m.index_select(3, self.reflect), self.taps_w)
-        return m.reshape(-1, self.size, self.size)
+        return torch.matmul(torch.matmul(self.map_rows, scores), self.map_cols)
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if self.input_format == "uint8":
@@ -147,22 +142,6 @@ class OnnxScoring(nn.Module):
         scores = self.patch_scores(f2, f3)
         pred_score = scores.reshape(-1, self.grid2[0] * self.grid2[1]).amax(dim=1)
         return pred_score, self.anomaly_map(scores), scores
-
-
-def blur_constants(sigma: float, length: int) -> tuple[Tensor, Tensor]:
-    """(taps, reflect index) of SPEC 1.10's blur, as `postprocess.gaussian_blur` computes them.
-
-    taps: scipy's Gaussian (truncate 4, 33 taps for sigma 4) normalised in float64, then float32.
-    reflect: int64 [length + 2 * radius] source index of scipy mode='reflect' (dcba|abcd|dcba: the
-    edge sample repeats; torch's pad 'reflect' is scipy's 'mirror'), folded with period 2 * length
-    so that radii longer than the axis work too.
-    """
-    radius = int(TRUNCATE * sigma + 0.5)
-    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
-    taps = torch.exp(-0.5 * (x / sigma) ** 2)
-    taps = (taps / taps.sum()).float()
-    i = torch.arange(-radius, length + radius) % (2 * length)
-    return taps, torch.where(i >= length, 2 * length - 1 - i, i)
 
 
 def _static_same_padding(backbone: nn.Module, size: int) -> nn.Module:

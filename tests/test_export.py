@@ -147,18 +147,3 @@ def test_wide_resnet_export_matches(tmp_path):
     errors = check_onnx(model, path, batch_sizes=(1, 3))
     assert max(v for k, v in errors.items() if k.endswith("_rel")) < TOLERANCE
 
-
-def test_blur_constants_follow_scipy_reflect():
-    from simplenet_fast.export import blur_constants
-    taps, index = blur_constants(4.0, 5)
-    assert taps.numel() == 33 and abs(taps.double().sum().item() - 1) < 1e-6
-    # scipy 'reflect' on a length-5 axis, radius 16: ... e d c b a | a b c d e | e d c b a ...
-    assert index[16:21].tolist() == [0, 1, 2, 3, 4]
-    assert index[11:16].tolist() == [4, 3, 2, 1, 0] and index[21:26].tolist() == [4, 3, 2, 1, 0]
-    assert index[6:11].tolist() == [0, 1, 2, 3, 4]  # the period-10 fold for radii > length
-    scipy_ndimage = pytest.importorskip("scipy.ndimage", reason="scipy is a test dependency")
-    line = np.random.default_rng(0).random(5)
-    padded = line[index.numpy()]
-    ours = np.convolve(padded, taps.double().numpy()[::-1], mode="valid")
-    np.testing.assert_allclose(ours, scipy_ndimage.gaussian_filter1d(line, 4.0, mode="reflect"),
-                               rtol=1e-6)

@@ -303,9 +303,12 @@ def test_model_constructor_bounds_what_a_file_could_declare():
 
 
 def test_anomaly_map_bounds_sigma_by_the_map():
-    with pytest.raises(ValueError, match="sigma must be <= the map's longer side"):
+    with pytest.raises(ValueError, match=r"sigma must be <= max\(64"):
         anomaly_map(torch.zeros(1, 4, 4), (8, 12), sigma=1e8)
-    assert anomaly_map(torch.zeros(1, 4, 4), (8, 12), sigma=12.0).shape == (1, 8, 12)
+    with pytest.raises(ValueError, match="the map's longer side 300"):
+        anomaly_map(torch.zeros(1, 4, 4), (200, 300), sigma=301.0)
+    assert anomaly_map(torch.zeros(1, 4, 4), (8, 12), sigma=64.0).shape == (1, 8, 12)
+    assert anomaly_map(torch.zeros(1, 4, 4), (200, 300), sigma=300.0).shape == (1, 200, 300)
 
 
 # ------------------------------------------------------------------- images
