@@ -305,3 +305,13 @@ def test_normalise():
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
     assert got.is_contiguous(memory_format=torch.channels_last)
     assert math.isclose(float(got.contiguous()[0, 0, 0, 0]), float(expected[0, 0, 0, 0]), abs_tol=1e-6)
+
+
+@pytest.mark.parametrize("shape,image_size,resize", [((300, 300), 288, 329), ((331, 517), 224, 256), ((41, 33), 32, 36)])
+def test_grayscale_kept_single_channel_until_the_crop_gives_the_rgb_bytes(shape, image_size, resize):
+    """Grayscale skips convert("RGB") until after the crop (faster); the bytes must not change."""
+    gray = Image.fromarray(np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8))
+    fast = preprocess_image(gray, image_size, resize)
+    rgb_first = preprocess_image(gray.convert("RGB"), image_size, resize)
+    assert fast.shape == (image_size, image_size, 3)
+    assert torch.equal(fast, rgb_first)
