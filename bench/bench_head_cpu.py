@@ -180,7 +180,7 @@ def test_head_cpu(benchmark, case, impl):
     with torch.no_grad():
         # Correctness first (SPEC 6), then time. The first call also gives the peak memory.
         outputs = []
-        peak = peak_rss_added_mb(lambda: outputs.append(fn()))
+        peak = peak_rss_added_mb(lambda out=outputs: out.append(fn()))
         if impl != "torch_mm":
             error = relative_error(outputs[0], state["reference"])
             assert error < TOLERANCE, f"{impl} differs from the reference by {error:.2e} (relative L2)"

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from simplenet_fast import SimpleNetHead
 
@@ -59,6 +60,35 @@ def randomize_head(head: SimpleNetHead, generator: torch.Generator) -> SimpleNet
         bn.weight.copy_(0.5 + torch.rand(head.hidden, generator=generator))
         bn.bias.copy_(0.3 * rand(head.hidden))
     return head.eval()
+
+
+def randomize_backbone_bn(module: nn.Module, seed: int) -> None:
+    """Backbone BN statistics away from mean 0 / var 1 / gamma 1 / beta 0, so that a load or a
+    fold that skips them shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for bn in module.modules():
+            if isinstance(bn, nn.BatchNorm2d):
+                c = bn.num_features
+                bn.running_mean.copy_(0.1 * torch.randn(c, generator=g))
+                bn.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                bn.weight.copy_(0.5 + 0.5 * torch.rand(c, generator=g))
+                bn.bias.copy_(0.1 * torch.randn(c, generator=g))
+
+
+class TinyBackbone(nn.Module):
+    """Stride 8 and 16 maps in two convolutions: scoring costs ~1 ms, so fuzzing can run many."""
+
+    channels = (5, 7)
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 5, 8, stride=8)
+        self.b = nn.Conv2d(5, 7, 2, stride=2)
+
+    def forward(self, x):
+        f2 = torch.relu(self.a(x))
+        return [f2, torch.relu(self.b(f2))]
 
 
 def random_features(channels, batch, grid2, grid3, generator, device="cpu"):

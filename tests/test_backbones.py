@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomize_backbone_bn
 from simplenet_fast.backbones import (IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD,
                                       CustomBackbone, EfficientNetLite0, FeatureExtractor,
                                       WideResNet50_2, available_backbones, build_backbone)
@@ -29,23 +30,11 @@ def _sha256(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _nontrivial_bn(m: nn.Module, seed: int) -> None:
-    """BN stats away from mean 0 / var 1 / gamma 1 / beta 0, so a load that skips them shows."""
-    g = torch.Generator().manual_seed(seed)
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            c = bn.num_features
-            bn.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-            bn.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            bn.weight.data.copy_(0.5 + 0.5 * torch.rand(c, generator=g))
-            bn.bias.data.copy_(0.1 * torch.randn(c, generator=g))
-
-
 @pytest.fixture(scope="module")
 def wrn():
     torch.manual_seed(0)
     m = build_backbone("wide_resnet50_2", weights=None)
-    _nontrivial_bn(m, 1)
+    randomize_backbone_bn(m, 1)
     return m
 
 
@@ -365,7 +354,7 @@ def test_lite_missing_package_says_what_to_install(monkeypatch):
 def test_lite_file_round_trip(tmp_path):
     torch.manual_seed(0)
     m = build_backbone("efficientnet_lite0", weights=None)
-    _nontrivial_bn(m, 2)
+    randomize_backbone_bn(m, 2)
     path = tmp_path / "lite.pth"
     torch.save(m.state_dict(), path)
     loaded = build_backbone("efficientnet-lite0", weights=path)

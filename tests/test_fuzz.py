@@ -29,10 +29,9 @@ import torch
 from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from PIL import Image
-from torch import nn
 
 import simplenet_fast
-from conftest import DEVICES, randomize_head
+from conftest import DEVICES, TinyBackbone, randomize_head
 from simplenet_fast import SimpleNet, SimpleNetHead, build_info
 from simplenet_fast import _fused
 from simplenet_fast.preprocess import preprocess_image
@@ -300,21 +299,6 @@ def test_fused_entry_point_checks_out_and_compute_dtype(device, config, batch, g
 
 
 # ------------------------------------------------------------------- SimpleNet.score
-class TinyBackbone(nn.Module):
-    """Stride 8 and 16 maps in two convolutions: scoring costs ~1 ms, so hypothesis can run many."""
-
-    channels = (5, 7)
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 5, 8, stride=8)
-        self.b = nn.Conv2d(5, 7, 2, stride=2)
-
-    def forward(self, x):
-        f2 = torch.relu(self.a(x))
-        return [f2, torch.relu(self.b(f2))]
-
-
 SIZE, RESIZE = 32, 36
 
 

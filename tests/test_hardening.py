@@ -25,7 +25,7 @@ from PIL import Image
 from torch import nn
 
 import simplenet_fast
-from conftest import random_features, randomize_head, relative_error
+from conftest import TinyBackbone, random_features, randomize_head, relative_error
 from simplenet_fast import SimpleNet, SimpleNetHead, anomaly_map, build_info
 from simplenet_fast import _fused
 from simplenet_fast.preprocess import preprocess_image
@@ -149,19 +149,6 @@ def test_low_precision_and_float64_features_take_the_reference_in_the_heads_dtyp
 
 
 # ------------------------------------------------------------------- models: shared small ones
-class TinyBackbone(nn.Module):
-    channels = (5, 7)
-
-    def __init__(self):
-        super().__init__()
-        self.a = nn.Conv2d(3, 5, 8, stride=8)
-        self.b = nn.Conv2d(5, 7, 2, stride=2)
-
-    def forward(self, x):
-        f2 = torch.relu(self.a(x))
-        return [f2, torch.relu(self.b(f2))]
-
-
 def tiny_model(seed: int = 0) -> SimpleNet:
     torch.manual_seed(seed)
     model = SimpleNet(TinyBackbone(), weights=None, image_size=SIZE, resize=RESIZE,

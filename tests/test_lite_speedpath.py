@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomize_backbone_bn
 from simplenet_fast.backbones import build_backbone, efficientnet_lite
 
 TOLERANCE = 1e-5  # relative L2; measured 1.0e-6 (layer2) and 2.3e-6 (layer3)
@@ -23,22 +24,11 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm())
 
 
-def _nontrivial_bn(m: nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for bn in m.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            c = bn.num_features
-            bn.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-            bn.running_var.copy_(0.5 + torch.rand(c, generator=g))
-            bn.weight.data.copy_(0.5 + 0.5 * torch.rand(c, generator=g))
-            bn.bias.data.copy_(0.1 * torch.randn(c, generator=g))
-
-
 @pytest.fixture(scope="module")
 def random_lite():
     torch.manual_seed(0)
     m = build_backbone("efficientnet_lite0", weights=None)
-    _nontrivial_bn(m, 1)
+    randomize_backbone_bn(m, 1)
     return m
 
 
@@ -121,7 +111,7 @@ def test_plan_follows_weight_changes(random_lite):
     with torch.inference_mode():
         before = m(x)
     other = build_backbone("efficientnet_lite0", weights=None)
-    _nontrivial_bn(other, 9)
+    randomize_backbone_bn(other, 9)
     m.load_state_dict(other.state_dict())
     with torch.inference_mode():
         after = m(x)
