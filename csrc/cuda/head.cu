@@ -211,11 +211,9 @@ struct MmaTile {
   static constexpr int kMI = kWM / 16, kNI = kWN / 8;
   static constexpr int kRows = 2 * kMI, kPairs = kNI;
   static constexpr int kRowSlots = kWarpsN;
-  // MAC-equivalents of one gathered tap, for the split heuristic. Fitted on an H200 with the
-  // pooling loop that issued one gather at a time: 64 (patch_score) to 97 (layer3_term), from
-  // 128-location blocks at B=1 (one chunk) and B=32 (eight). The batched loop (pool_piece) keeps
-  // a tap's 8 x kBM / 32 gathers in flight together; 40 is a prediction for it, not a measurement.
-  static constexpr float kTapCost = 40.f;
+  // MAC-equivalents of one gathered tap: ~9 issued instructions at 128 lanes per clock against
+  // ~1300 bf16 MACs per clock and SM through mma.sync; an estimate for the split heuristic.
+  static constexpr float kTapCost = 90.f;
   static_assert(kWM % 16 == 0 && kWN == 32, "warp tile");
 
   // A is [kBM][piece + 8]: the +8 makes the row stride an odd number of 16-byte units, so the
@@ -357,9 +355,6 @@ __device__ __forceinline__ void pool_piece(const Feature* __restrict__ feature, 
   }
   const int padded_columns = ceil_div(work.columns, Tile::kBK) * Tile::kBK;
   const int groups = min(work.piece, padded_columns - col0) / 8;
-  // One tap of 8 columns at a time: its plan entries are loaded one tap ahead, and all its
-  // 8 x kLocations gathers are issued before the first is used. Written as one loop, the compiler
-  // interleaved load and use per column, so each tap cost ~8 dependent memory round trips.
   for (int q = warp; q < groups; q += kWarps) {
     const int j0 = col0 + 8 * q;
     float acc[8][kLocations];
@@ -367,57 +362,20 @@ __device__ __forceinline__ void pool_piece(const Feature* __restrict__ feature, 
     for (int jj = 0; jj < 8; ++jj)
 #pragma unroll
       for (int i = 0; i < kLocations; ++i) acc[jj][i] = 0.f;
-    // Columns past the plan (the last group's padding) read the last column's entries and turn
-    // them into entry 0 with weight 0. Masks, not branches, so that nothing holds the loads back.
-    int plan_row[8];
-    unsigned real[8];
-#pragma unroll
-    for (int jj = 0; jj < 8; ++jj) {
-      plan_row[jj] = min(j0 + jj, work.columns - 1) * work.width;
-      real[jj] = j0 + jj < work.columns ? ~0u : 0u;
-    }
-    unsigned next_u[8];
-    float next_w[8];
-    auto load_plan = [&](int t) {
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj) {
-        next_u[jj] = static_cast<unsigned>(pool_index[plan_row[jj] + t]) & real[jj];
-        next_w[jj] = __uint_as_float(__float_as_uint(pool_weight[plan_row[jj] + t]) & real[jj]);
-      }
-    };
-    load_plan(0);
     for (int t = 0; t < work.width; ++t) {
-      unsigned r[8];
-      int offset[8];
-      float w[8];
 #pragma unroll
       for (int jj = 0; jj < 8; ++jj) {
-        const unsigned u = next_u[jj], c = u / 9u;
-        r[jj] = u - 9u * c;
-        const unsigned ky = r[jj] / 3u, kx = r[jj] - 3u * ky;
-        offset[jj] = static_cast<int>(c) * plane + (static_cast<int>(ky) - 1) * g.w + static_cast<int>(kx) - 1;
-        w[jj] = next_w[jj];
+        // Columns past the plan (the last group's padding) read entry 0 with weight 0.
+        const bool real = j0 + jj < work.columns;
+        const unsigned u = real ? static_cast<unsigned>(pool_index[(j0 + jj) * work.width + t]) : 0u;
+        const float w = real ? pool_weight[(j0 + jj) * work.width + t] : 0.f;
+        const unsigned c = u / 9u, r = u - 9u * c, ky = r / 3u, kx = r - 3u * ky;
+        const int offset = static_cast<int>(c) * plane + (static_cast<int>(ky) - 1) * g.w + static_cast<int>(kx) - 1;
+#pragma unroll
+        for (int i = 0; i < kLocations; ++i) {
+          if ((inside[i] >> r) & 1u) acc[jj][i] = fmaf(w, to_float(base[i][offset]), acc[jj][i]);
+        }
       }
-      load_plan(min(t + 1, work.width - 1));  // the last tap reloads itself, unused
-      // Off-map neighbours are masked with integer ALU operations, not predicates: a predicate per
-      // gather (7 predicate registers) made the compiler issue each load only after the previous
-      // one was used. An off-map neighbour reads the location itself (in bounds) and adds
-      // w * (+0): the same sum as skipping it, up to the sign of a zero.
-      Feature v[8][kLocations];
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-#pragma unroll
-        for (int i = 0; i < kLocations; ++i) {
-          const int mask = -static_cast<int>((inside[i] >> r[jj]) & 1u);
-          v[jj][i] = base[i][offset[jj] & mask];
-        }
-#pragma unroll
-      for (int jj = 0; jj < 8; ++jj)
-#pragma unroll
-        for (int i = 0; i < kLocations; ++i) {
-          const unsigned mask = 0u - ((inside[i] >> r[jj]) & 1u);
-          acc[jj][i] = fmaf(w[jj], __uint_as_float(__float_as_uint(to_float(v[jj][i])) & mask), acc[jj][i]);
-        }
     }
 #pragma unroll
     for (int i = 0; i < kLocations; ++i) {
@@ -459,14 +417,11 @@ __device__ __forceinline__ void pooled_gemm(const Feature* __restrict__ feature,
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) load_b(s);
 
-  // The first piece is pooled before the accumulators exist, so that the gathers have the
-  // registers to be all in flight at once (the only pooling when A holds every column).
-  pool_piece<Feature, Tile>(feature, pool_index, pool_weight, g, work, loc0, 0, a);
   typename Tile::Acc acc;
   acc.zero();
   for (int it = 0; it < total; ++it) {
     const int kt = it % k_tiles;
-    if (repool && it > 0 && kt % tiles_per_piece == 0) {
+    if (kt % tiles_per_piece == 0 && (repool || it == 0)) {
       __syncthreads();  // no warp still reads the previous piece
       pool_piece<Feature, Tile>(feature, pool_index, pool_weight, g, work, loc0, kt * Tile::kBK, a);
     }
