@@ -224,9 +224,12 @@ def check_scores(scores: Tensor, features: Sequence[Tensor] = ()) -> None:
         if any(not bool(torch.isfinite(f).all()) for f in features):
             raise ValueError("features contain NaN or Inf")
         bad = int((~torch.isfinite(scores)).sum())
-        raise ValueError(f"the head produced NaN or Inf for {bad} of {scores.numel()} patch scores "
-                         "from finite features: its weights hold NaN / Inf, or the features are "
-                         "too large for float32")
+        cause = ("from finite features: its weights hold NaN / Inf, or the features are too "
+                 "large for float32" if features else
+                 "(the features held NaN / Inf, or the weights do, or the features are too large "
+                 "for float32)")
+        raise ValueError(f"the head produced NaN or Inf for {bad} of {scores.numel()} patch "
+                         f"scores {cause}")
 
 
 def _needs_grad(features: Sequence[Tensor]) -> bool:

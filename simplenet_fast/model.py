@@ -270,11 +270,16 @@ class SimpleNet(nn.Module):
                     # straight from pinned host memory into the graph's static input
                     out = self._graph_forward(batch, batch_size, fused)
                 else:
-                    out = self._device_forward(batch.to(device, non_blocking=True), fused)
+                    # On CUDA the finiteness check waits for the end (one host sync per call,
+                    # not one per batch); a captured graph cannot check at all.
+                    out = self._device_forward(batch.to(device, non_blocking=True), fused,
+                                               check=not on_cuda)
                 outputs.append(out)
         # Concatenated outside inference mode: the result holds ordinary tensors that users can
         # modify in place.
         patch_scores, pred_score, amap = (torch.cat([o[i] for o in outputs]) for i in range(3))
+        if on_cuda:
+            check_scores(patch_scores)  # SPEC 6: NaN never passes, graphs included
         return self._result(patch_scores, pred_score, amap)
 
     def _graph_forward(self, batch: Tensor, batch_size: int, fused: bool | None
