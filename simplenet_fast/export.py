@@ -67,7 +67,7 @@ class OnnxScoring(nn.Module):
                for t in list(backbone.parameters()) + list(backbone.buffers())
                if t.is_floating_point()):
             backbone = copy.deepcopy(backbone).to(device="cpu", dtype=torch.float32)
-        self.backbone = _static_same_padding(backbone, self.size).eval()
+        self.backbone = backbone.eval()
         self.register_buffer("mean", torch.tensor(backbone.mean, dtype=torch.float32).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(backbone.std, dtype=torch.float32).view(1, 3, 1, 1))
 
@@ -142,44 +142,6 @@ class OnnxScoring(nn.Module):
         scores = self.patch_scores(f2, f3)
         pred_score = scores.reshape(-1, self.grid2[0] * self.grid2[1]).amax(dim=1)
         return pred_score, self.anomaly_map(scores), scores
-
-
-def _static_same_padding(backbone: nn.Module, size: int) -> nn.Module:
-    """A copy of `backbone` whose TF-'SAME' convs pad by constants computed for `size`.
-
-    `SameConv2d` computes its padding from the input's shape at run time with `-(-i // s)`. The
-    exporter records that arithmetic as graph ops, and ONNX's integer Div truncates where Python's
-    // floors, so for odd sizes (e.g. 72 px: a 9x9 map into a stride-2 conv) the graph would pad
-    one pixel short. The sizes are fixed in an export, so the pads become constants here (one dry
-    run); the original module is left untouched. Backbones without such convs are returned as is.
-    """
-    from .backbones.efficientnet_lite import SameConv2d
-
-    if not any(isinstance(m, SameConv2d) and m.stride[0] != 1 for m in backbone.modules()):
-        return backbone
-    backbone = copy.deepcopy(backbone)
-    sizes: dict[nn.Module, tuple[int, int]] = {}
-
-    def record(module, args):
-        sizes[module] = tuple(int(n) for n in args[0].shape[-2:])
-
-    hooks = [m.register_forward_pre_hook(record)
-             for m in backbone.modules() if isinstance(m, SameConv2d) and m.stride[0] != 1]
-    with torch.no_grad():
-        backbone(torch.zeros(1, 3, size, size))
-    for hook in hooks:
-        hook.remove()
-    for module, (ih, iw) in sizes.items():
-        s, k = module.stride[0], module.kernel_size[0]
-        ph = max(((ih + s - 1) // s - 1) * s + k - ih, 0)
-        pw = max(((iw + s - 1) // s - 1) * s + k - iw, 0)
-        pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
-
-        def forward(x: Tensor, module=module, pads=pads) -> Tensor:
-            return nn.Conv2d.forward(module, F.pad(x, pads) if any(pads) else x)
-
-        module.forward = forward
-    return backbone
 
 
 def export_onnx(model, path: str | os.PathLike, batch_size_dynamic: bool = True, opset: int = 17,

@@ -78,8 +78,10 @@ class SameConv2d(nn.Conv2d):
         if s != 1:
             k = self.kernel_size[0]
             ih, iw = x.shape[-2:]
-            ph = max((-(-ih // s) - 1) * s + k - ih, 0)
-            pw = max((-(-iw // s) - 1) * s + k - iw, 0)
+            # ceil(i / s) as (i + s - 1) // s: sizes are positive, so the ONNX exporter's
+            # truncating integer Div records the same value (-(-i // s) would not).
+            ph = max(((ih + s - 1) // s - 1) * s + k - ih, 0)
+            pw = max(((iw + s - 1) // s - 1) * s + k - iw, 0)
             if ph or pw:
                 x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         return super().forward(x)
@@ -266,7 +268,8 @@ class _FusedConv:
         """(kernel, symmetric padding) that reproduce TF 'SAME' for this input size."""
         if self.stride == 1:  # odd k, stride 1: symmetric k // 2
             return self.weight, [self.k // 2, self.k // 2]
-        totals = [max((-(-n // self.stride) - 1) * self.stride + self.k - n, 0) for n in x.shape[-2:]]
+        totals = [max(((n + self.stride - 1) // self.stride - 1) * self.stride + self.k - n, 0)
+                  for n in x.shape[-2:]]
         return self._shifted[(totals[0] % 2, totals[1] % 2)], [t - t // 2 for t in totals]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, onednn: bool) -> torch.Tensor:
