@@ -133,12 +133,16 @@ class SimpleNetHead(nn.Module):
         return self.score_embeddings(self.embed(features))
 
     # ----------------------------------------------------------------------------- scoring
-    def patch_scores(self, features: Sequence[Tensor], fused: bool | None = None) -> Tensor:
+    def patch_scores(self, features: Sequence[Tensor], fused: bool | None = None,
+                     compute_dtype: torch.dtype = torch.float32, check_finite: bool = True) -> Tensor:
         """Raw patch scores [B, H2, W2] of the backbone maps ([B, C2, H2, W2], [B, C3, H3, W3]).
 
         `fused=False` runs the reference; `fused=True` the compiled extension (SPEC 4), which is
         inference-only and raises for inputs that require grad; `fused=None` picks the fused path
         when the extension supports the inputs' device and nothing requires grad.
+        `compute_dtype` is the fused GEMMs' operand type (bfloat16 on CUDA uses tensor cores).
+        `check_finite=False` skips the NaN / Inf check of the scores, the only step that waits
+        for the device: for CUDA-graph capture, with the check done by the caller afterwards.
         """
         from . import _fused
 
@@ -154,8 +158,9 @@ class SimpleNetHead(nn.Module):
             raise ValueError("the fused head is inference-only: features require grad; "
                              "use fused=False to differentiate through the reference")
         else:
-            scores = _fused.fused_patch_scores(self, features)
-        check_scores(scores, features)
+            scores = _fused.fused_patch_scores(self, features, compute_dtype=compute_dtype)
+        if check_finite:
+            check_scores(scores, features)
         return scores
 
     def folded(self, device: torch.device | str = "cpu"):

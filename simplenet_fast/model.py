@@ -19,7 +19,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import _fused
 from .backbones import build_backbone
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map
@@ -185,9 +184,9 @@ class SimpleNet(nn.Module):
                         ) -> tuple[Tensor, Tensor, Tensor]:
         """uint8 `[B, S, S, 3]` on the model's device -> (patch_scores, pred_score, anomaly_map).
 
-        Pure tensor work on the device: no host synchronisation unless `check` (which validates
-        the backbone's features: shapes, NaN/Inf) is True, so that it can be captured in a CUDA
-        graph with `check=False`. `fused=None` takes the compiled head when it has a kernel for
+        Pure tensor work on the device: no host synchronisation unless `check` (the NaN / Inf
+        check of the scores) is True, so that it can be captured in a CUDA graph with
+        `check=False`. `fused=None` takes the compiled head when it has a kernel for
         the features' device and dtype.
         """
         x = normalise(batch, self._mean, self._std)
@@ -197,18 +196,9 @@ class SimpleNet(nn.Module):
                 features = self.backbone(x)
         else:
             features = self.backbone(x.contiguous())
-        if check:
-            _fused.check_features(self.head, features)
-        if fused is None:
-            fused = _fused.can_run(features)
-        if fused:
-            compute = torch.bfloat16 if self._use_bf16() else torch.float32
-            scores = _fused.fused_patch_scores(self.head, features, compute_dtype=compute)
-        else:
-            scores = self.head.reference_patch_scores([f.float() for f in features])
-        scores = scores.float()
-        if check:
-            check_scores(scores, features)
+        compute = torch.bfloat16 if self._use_bf16() else torch.float32
+        scores = self.head.patch_scores(features, fused=fused, compute_dtype=compute,
+                                        check_finite=check).float()
         pred_score = scores.amax(dim=(1, 2))
         amap = _anomaly_map(scores, (self.image_size, self.image_size), self.sigma)
         return scores, pred_score, amap
