@@ -67,15 +67,18 @@ def size_error(features: Sequence[Tensor]) -> str | None:
     return None
 
 
-def can_run(features: Sequence[Tensor]) -> bool:
-    """Whether the compiled extension has a kernel for these (already checked) features."""
-    module = native()
-    if module is None:
-        return False
+def _has_kernel(module, features: Sequence[Tensor]) -> bool:
+    """Whether the compiled `module` has a kernel for these features' device and dtype."""
     device = features[0].device.type
     if device == "cuda" and not hasattr(module, "fused_head_cuda"):
         return False
-    return features[0].dtype in _FEATURE_DTYPES.get(device, ()) and size_error(features) is None
+    return features[0].dtype in _FEATURE_DTYPES.get(device, ())
+
+
+def can_run(features: Sequence[Tensor]) -> bool:
+    """Whether the compiled extension can score these (already checked) features."""
+    module = native()
+    return module is not None and _has_kernel(module, features) and size_error(features) is None
 
 
 @functools.lru_cache(maxsize=64)
@@ -103,7 +106,7 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
     too_large = size_error(features)
     if too_large is not None:
         raise ValueError(too_large)
-    if not can_run(features):
+    if not _has_kernel(module, features):
         raise ValueError(f"the fused head has no kernel for {device.type} {f2.dtype} features; "
                          "use fused=False")
     if compute_dtype not in _COMPUTE_DTYPES.get(device.type, ()):

@@ -15,15 +15,11 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_backbone_bn
+from conftest import randomize_backbone_bn, relative_error
 from simplenet_fast.backbones import (IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD,
                                       CustomBackbone, EfficientNetLite0, FeatureExtractor,
                                       WideResNet50_2, available_backbones, build_backbone)
 from simplenet_fast.backbones import efficientnet_lite, wide_resnet
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a - b).norm() / b.norm())
 
 
 def _sha256(path) -> str:
@@ -138,7 +134,7 @@ def test_wide_resnet_batch_matches_single(wrn):
         single = wrn(x[1:2])
     assert batch[0].shape == (3, 512, 8, 8) and batch[1].shape == (3, 1024, 4, 4)
     for b, s in zip(batch, single):
-        assert _rel(b[1:2], s) < 1e-5
+        assert relative_error(b[1:2], s) < 1e-5
 
 
 @pytest.mark.parametrize("which", ["wrn", "lite_random"])
@@ -306,7 +302,7 @@ def test_lite_matches_reference_package(lite):
     assert torch.equal(f2, got[4]) and torch.equal(f3, got[10])
     assert torch.equal(ours, logits)
     # BN folding and oneDNN's kernels round differently: measured ~2.3e-6 relative L2
-    assert _rel(fast[0], got[4]) < 1e-5 and _rel(fast[1], got[10]) < 1e-5
+    assert relative_error(fast[0], got[4]) < 1e-5 and relative_error(fast[1], got[10]) < 1e-5
 
 
 def test_lite_classifies_sample_images():
@@ -340,7 +336,7 @@ def test_channels_last(wrn, which, request):
         for out in (cl(x.contiguous(memory_format=torch.channels_last)), m(strided)):
             for a, b in zip(out, ref):
                 assert a.shape == b.shape
-                assert _rel(a, b) < 1e-5  # measured ~2e-6 (different oneDNN kernels)
+                assert relative_error(a, b) < 1e-5  # measured ~2e-6 (different oneDNN kernels)
 
 
 def test_lite_missing_package_says_what_to_install(monkeypatch):

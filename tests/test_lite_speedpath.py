@@ -14,14 +14,10 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_backbone_bn
+from conftest import randomize_backbone_bn, relative_error
 from simplenet_fast.backbones import build_backbone, efficientnet_lite
 
 TOLERANCE = 1e-5  # relative L2; measured 1.0e-6 (layer2) and 2.3e-6 (layer3)
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +43,7 @@ def _check_fast(m, x) -> list[torch.Tensor]:
     for a, b in zip(fast, ref):
         assert a.shape == b.shape and a.dtype == b.dtype
         assert torch.isfinite(a).all()
-        assert _rel(a, b) < TOLERANCE
+        assert relative_error(a, b) < TOLERANCE
     return fast
 
 
@@ -101,7 +97,7 @@ def test_plain_conv_fallback_matches(random_lite, monkeypatch):
         m._plan.onednn = False
         fast = m(x)
         ref = m.forward_modules(x)
-    assert all(_rel(a, b) < TOLERANCE for a, b in zip(fast, ref))
+    assert all(relative_error(a, b) < TOLERANCE for a, b in zip(fast, ref))
 
 
 def test_plan_follows_weight_changes(random_lite):
@@ -117,12 +113,12 @@ def test_plan_follows_weight_changes(random_lite):
         after = m(x)
         expected = other.forward_modules(x)
     assert not torch.equal(before[1], after[1])
-    assert all(_rel(a, b) < TOLERANCE for a, b in zip(after, expected))
+    assert all(relative_error(a, b) < TOLERANCE for a, b in zip(after, expected))
     with torch.no_grad():
         m._bn0.running_var.mul_(2.0)  # an in-place edit bumps the version: folded again
         changed = m(x)
         expected = m.forward_modules(x)
-    assert all(_rel(a, b) < TOLERANCE for a, b in zip(changed, expected))
+    assert all(relative_error(a, b) < TOLERANCE for a, b in zip(changed, expected))
 
 
 def _bit_equal_to_modules(m, x) -> bool:
@@ -184,7 +180,7 @@ def test_simplenet_scores_through_the_fast_route(pretrained_lite):
     assert model.backbone._plan is not None
     model.backbone.fast_inference = False
     slow = model.score(images)
-    assert _rel(fast.patch_scores, slow.patch_scores) < 1e-4  # SPEC 6
+    assert relative_error(fast.patch_scores, slow.patch_scores) < 1e-4  # SPEC 6
     assert torch.equal(fast.pred_score.argsort(), slow.pred_score.argsort())
     assert efficientnet_lite._onednn_works() in (True, False)
 
