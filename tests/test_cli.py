@@ -112,6 +112,27 @@ def test_usage_errors_exit_2(argv, capsys):
     assert "usage:" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("backbone, size, resize, dims, epochs", [
+    # the paper's: a 288 centre crop of the image resized to 329, 160 epochs (SPEC 1, 2)
+    ("wide_resnet50_2", 288, 329, (1536, 1536, 1024), 160),
+    # chosen on ELPV validation data: the whole image at 224, no crop (bench/RESULTS.md)
+    ("efficientnet_lite0", 224, 224, (384, 384, 256), 20),
+])
+def test_model_defaults_follow_the_backbone(backbone, size, resize, dims, epochs):
+    from simplenet_fast.cli import _epochs, _model_config
+
+    args = build_parser().parse_args(["train", "data", "--out", "m.pt", "--backbone", backbone])
+    config = _model_config(args)
+    assert (config["image_size"], config["resize"]) == (size, resize)
+    assert (config["pretrain_embed_dim"], config["target_embed_dim"], config["hidden"]) == dims
+    assert _epochs(args) == epochs
+    # an explicit image size keeps the backbone's resize rule; explicit values win
+    args = build_parser().parse_args(["train", "data", "--out", "m.pt", "--backbone", backbone,
+                                      "--image-size", "256", "--epochs", "3"])
+    assert _model_config(args)["resize"] == round(256 * resize / size)
+    assert _epochs(args) == 3
+
+
 # ---------------------------------------------------------------------------------- train
 def test_train_saves_a_model_with_thresholds_from_held_out_images(trained, capsys):
     model = SimpleNet.load(trained)
