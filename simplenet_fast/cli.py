@@ -906,7 +906,12 @@ def cmd_demo(args) -> int:
     order = np.argsort(-scores, kind="stable")
     top = min(args.top, len(order) // 2 if len(order) > 1 else 1)
     written = []
-    for kind, picks in (("most_anomalous", order[:top]), ("least_anomalous", order[::-1][:top])):
+    kinds = ("most_anomalous", "least_anomalous")
+    # A rerun into the same folder must not leave the last run's overlays beside the new ones
+    # (names carry scores, so they would not be overwritten); only the demo's own names go.
+    for old in (p for kind in kinds for p in out.glob(f"{kind}_*.png")):
+        old.unlink()
+    for kind, picks in zip(kinds, (order[:top], order[::-1][:top])):
         for rank, i in enumerate(picks, 1):
             crop = preprocess_image(test[i], model.image_size, model.resize).numpy()
             truth = "defective" if labels[i] else "normal"

