@@ -57,6 +57,7 @@ import numpy as np
 import torch
 from simplenet_fast import SimpleNet
 from simplenet_fast.backbones import build_backbone
+from simplenet_fast.cli import BACKBONE_DEFAULTS
 from simplenet_fast.data import _elpv_dataset, elpv_split
 from simplenet_fast.metrics import image_auroc
 from simplenet_fast.preprocess import normalise, preprocess_image
@@ -72,20 +73,27 @@ FEATURE_BATCH = 8
 SCORE_BATCH = 16
 
 
+# The configuration chosen on validation data (bench/RESULTS.md, "Accuracy on ELPV") is the CLI's
+# default for this backbone; the defaults below read it from there, so the two cannot drift.
+CHOSEN = BACKBONE_DEFAULTS["efficientnet_lite0"]
+PAPER_RESIZE_RATIO = BACKBONE_DEFAULTS["wide_resnet50_2"]["resize_ratio"]  # 329 / 288, SPEC 1.1
+
+
 @dataclass(frozen=True)
 class Config:
-    # Defaults: the configuration chosen on validation data (bench/RESULTS.md, "Accuracy on ELPV").
-    image_size: int = 224
-    embed_dim: int = 384      # target_embed_dim; pretrain_embed_dim = embed_dim unless given
-    pretrain_dim: int = 0     # 0: same as embed_dim
-    hidden: int = 256
-    noise_std: float = 2.0
-    epochs: int = 20
-    crop: bool = False        # False: resize the whole cell to image_size (no border cut off)
+    image_size: int = CHOSEN["image_size"]
+    embed_dim: int = CHOSEN["target_embed_dim"]  # pretrain_embed_dim = embed_dim unless given
+    pretrain_dim: int = 0                        # 0: same as embed_dim
+    hidden: int = CHOSEN["hidden"]
+    noise_std: float = CHOSEN["noise_std"]
+    epochs: int = CHOSEN["epochs"]
+    # True: the paper's centre crop of the cell resized by 329/288; False: the whole cell resized
+    # to image_size (no border cut off)
+    crop: bool = CHOSEN["resize_ratio"] != 1
 
     @property
     def resize(self) -> int:
-        return resize_for(self.image_size) if self.crop else self.image_size
+        return round(self.image_size * (PAPER_RESIZE_RATIO if self.crop else 1))
 
     @property
     def pretrain(self) -> int:
@@ -96,11 +104,6 @@ class Config:
         view = "" if self.crop else " whole"
         return (f"{self.image_size}px{view} T{self.embed_dim}{p} H{self.hidden} "
                 f"noise {self.noise_std:g} {self.epochs}ep")
-
-
-def resize_for(image_size: int) -> int:
-    """The paper's 329 / 288 short-side ratio (SPEC 1.1), rounded."""
-    return round(image_size * 329 / 288)
 
 
 # ---------------------------------------------------------------------------------- data
@@ -145,7 +148,7 @@ class CellFeatures:
         if synthetic:
             normal = self.rows_with_probability(0)
             self.synthetic_position = {int(r): i for i, r in enumerate(normal)}
-            copies, _ = defective_copies(self.raw[self.index(normal).numpy()],
+            copies = defective_copies(self.raw[self.index(normal).numpy()],
                                          SYNTHETIC_SEED + CELL_TYPES.index(cell_type))
             _, self.synthetic_f2, self.synthetic_f3, _, _ = backbone_features(
                 copies, image_size, resize, backbone)

