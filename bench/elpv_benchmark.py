@@ -4,6 +4,7 @@
     python bench/elpv_benchmark.py --select --cell-type both --image-sizes 224 288 \\
         --crops crop whole --embed-dims 128 384 --hiddens 256 --noise-stds 0.5 1 2 \\
         --checkpoints 5 10 20                                               # choose a config
+    python bench/elpv_benchmark.py --nearest-neighbour --cell-type mono --seeds 0  # NN baseline
 
 Protocol (SPEC 7, `simplenet_fast.data.elpv_split`): per cell type, train on a seeded 70% of the
 normal (p = 0) cells, test the other 30% against every cell with p >= 2/3; p = 1/3 is left out.
@@ -207,11 +208,15 @@ def make_model(cfg: Config, backbone) -> SimpleNet:
 
 def embeddings(model: SimpleNet, feats: CellFeatures, index: torch.Tensor) -> torch.Tensor:
     """`head.embed` of cached features: what `fit` caches for these images."""
+    return embed_features(model, feats.f2[index], feats.f3[index])
+
+
+def embed_features(model: SimpleNet, f2: torch.Tensor, f3: torch.Tensor) -> torch.Tensor:
+    """`head.embed` of backbone features, [N, H2, W2, T], FEATURE_BATCH images at a time."""
     out = []
     with torch.no_grad():
-        for i in range(0, len(index), FEATURE_BATCH):
-            j = index[i:i + FEATURE_BATCH]
-            out.append(model.head.embed([feats.f2[j], feats.f3[j]]))
+        for i in range(0, len(f2), FEATURE_BATCH):
+            out.append(model.head.embed([f2[i:i + FEATURE_BATCH], f3[i:i + FEATURE_BATCH]]))
     return torch.cat(out)
 
 
@@ -369,6 +374,66 @@ def run_merge(args, cell_types, log) -> dict:
     return summarise_selection(rows, cell_types, args.tie, log)
 
 
+def nearest_neighbour_scores(memory: torch.Tensor, queries: torch.Tensor,
+                             chunk: int = 1 << 15) -> np.ndarray:
+    """Image scores of the nearest-neighbour baseline: per image, the largest distance of one of
+    its patches ([N, H2, W2, T] queries) to the nearest memory patch ([M, T])."""
+    out = []
+    with torch.inference_mode():
+        for image in queries:
+            patches = image.reshape(-1, image.shape[-1])
+            nearest = torch.full((len(patches),), math.inf)
+            for block in memory.split(chunk):
+                nearest = torch.minimum(nearest, torch.cdist(patches, block).amin(1))
+            out.append(float(nearest.max()))
+    return np.array(out)
+
+
+def run_nearest_neighbour(args, cell_types, log) -> dict:
+    """The PatchCore-style nearest-neighbour baseline of SPEC 7 on the features the SimpleNet head
+    sees (`head.embed` of the chosen geometry and embed dims): memory = every patch of the
+    training cells, or a seeded random `--nn-memory-fraction` of them (PatchCore's coreset is
+    not reproduced: the exact memory is its upper bound). Scored on the validation set of
+    `--val-seed` (as `--select`) and on the test set of every seed in `--seeds`."""
+    cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
+                 args.epochs, args.crop)
+    feats = Features(log, synthetic=True)
+    log(f"nearest neighbour on {cfg.label().split(' H')[0]} embeddings, memory fraction "
+        f"{args.nn_memory_fraction:g}, validation of seed {args.val_seed}, test seeds {args.seeds}")
+    model = make_model(cfg, feats.backbone)  # only its parameter-free head.embed is used
+
+    def memory_of(f: CellFeatures, rows: np.ndarray, seed: int) -> torch.Tensor:
+        memory = embeddings(model, f, f.index(rows)).flatten(0, 2)
+        keep = round(args.nn_memory_fraction * len(memory))
+        if keep < len(memory):
+            memory = memory[torch.randperm(len(memory), generator=torch.Generator().manual_seed(seed))[:keep]]
+        return memory
+
+    rows = []
+    for ct in cell_types:
+        f = feats.get(ct, cfg)
+        fit_rows, val = validation_split(f, elpv_split(ct, args.val_seed).train_index)
+        start = time.perf_counter()
+        scores = nearest_neighbour_scores(memory_of(f, fit_rows, args.val_seed),
+                                          embed_features(model, val.f2, val.f3))
+        aurocs = val.aurocs(scores)
+        rows.append({"cell_type": ct, "split": "validation", "seed": args.val_seed, **aurocs,
+                     "memory_fraction": args.nn_memory_fraction, "seconds": time.perf_counter() - start})
+        log(f"  {ct} validation: AUROC {aurocs['val_auroc']:.4f} (synthetic "
+            f"{aurocs['val_auroc_synthetic']:.4f}, p=1/3 {aurocs['val_auroc_p13']:.4f})")
+        for seed in args.seeds:
+            split = elpv_split(ct, seed)
+            start = time.perf_counter()
+            scores = nearest_neighbour_scores(memory_of(f, split.train_index, seed),
+                                              embeddings(model, f, f.index(split.test_index)))
+            rows.append({"cell_type": ct, "split": "test", "seed": seed,
+                         "auroc": image_auroc(split.test_labels, scores),
+                         "memory_fraction": args.nn_memory_fraction,
+                         "seconds": time.perf_counter() - start})
+            log(f"  {ct} test seed {seed}: AUROC {rows[-1]['auroc']:.4f}")
+    return {"mode": "nearest_neighbour", "config": asdict(cfg), "rows": rows}
+
+
 def run_protocol(args, cell_types, log) -> dict:
     cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
                  args.epochs, args.crop)
@@ -434,7 +499,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cell-type", choices=["mono", "poly", "both"], default="both")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="*", default=[0, 1, 2])
     p.add_argument("--epochs", type=int, default=Config.epochs)
     p.add_argument("--image-size", type=int, default=Config.image_size)
     p.add_argument("--embed-dim", type=int, default=Config.embed_dim,
@@ -461,9 +526,15 @@ def main(argv=None) -> int:
     p.add_argument("--tie", type=float, default=0.005)
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="redo the selection over the rows of earlier --select --out files")
+    p.add_argument("--nearest-neighbour", action="store_true",
+                   help="the nearest-neighbour baseline on the same embeddings (run_nearest_neighbour)")
+    p.add_argument("--nn-memory-fraction", type=float, default=1.0,
+                   help="seeded random fraction of the training patches kept as memory")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write results to this .json (and a .csv beside it)")
     args = p.parse_args(argv)
+    if not args.seeds and not (args.select or args.merge or args.nearest_neighbour):
+        p.error("the protocol needs at least one seed")
     if args.reference_seeds is None:
         args.reference_seeds = []
     torch.set_num_threads(args.threads)
@@ -477,6 +548,8 @@ def main(argv=None) -> int:
         result = run_merge(args, cell_types, log)
     elif args.select:
         result = run_select(args, cell_types, log)
+    elif args.nearest_neighbour:
+        result = run_nearest_neighbour(args, cell_types, log)
     else:
         result = run_protocol(args, cell_types, log)
     result["wall_s"] = time.perf_counter() - start
