@@ -535,6 +535,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if not args.seeds and not (args.select or args.merge or args.nearest_neighbour):
         p.error("the protocol needs at least one seed")
+    if not 0 < args.nn_memory_fraction <= 1:
+        p.error(f"--nn-memory-fraction must be in (0, 1], got {args.nn_memory_fraction}")
     if args.reference_seeds is None:
         args.reference_seeds = []
     torch.set_num_threads(args.threads)
