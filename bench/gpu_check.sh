@@ -80,30 +80,26 @@ case $TESTS_RC in
 esac
 note "tests ${STATUS[tests]}: $TESTS_LINE"
 
-# ------------------------------------------------------------------------- benchmark
-note "benchmark ..."
-timeout "$(limit 200)" "$PY" bench/bench_gpu.py --out "$OUT/bench.json" > "$OUT/bench.log" 2>&1
-case $? in
-  0) STATUS[bench]=OK ;;
-  2) STATUS[bench]="CHECK-FAILED" ;;
-  124) STATUS[bench]=TIMEOUT ;;
-  *) STATUS[bench]=FAIL ;;
-esac
-note "bench ${STATUS[bench]}"
-
-# ------------------------------------------------------------------------- end-to-end benchmark
+# ------------------------------------------------------------------------- benchmarks
+# Each benchmark exits 2 when a timed path disagreed with the reference (CHECK-FAILED).
+run_bench() {  # status key, cap seconds, log file, command...
+  local key=$1 cap=$2 log=$3
+  shift 3
+  note "$key ..."
+  timeout "$(limit "$cap")" "$@" > "$log" 2>&1
+  case $? in
+    0) STATUS[$key]=OK ;;
+    2) STATUS[$key]="CHECK-FAILED" ;;
+    124) STATUS[$key]=TIMEOUT ;;
+    *) STATUS[$key]=FAIL ;;
+  esac
+  note "$key ${STATUS[$key]}"
+}
+run_bench bench 200 "$OUT/bench.log" "$PY" bench/bench_gpu.py --out "$OUT/bench.json"
 # WideResNet-50-2 at 288, batch 1 / 32, float32 / bf16: score() fused and reference, eager and
 # CUDA graph, the official-style baseline, the device path alone. Its JSON is the RESULTS_JSON
 # line of the log (no extra file: at most 8 come back).
-note "end-to-end benchmark ..."
-timeout "$(limit 150)" "$PY" bench/bench_gpu_e2e.py > "$OUT/bench_e2e.log" 2>&1
-case $? in
-  0) STATUS[e2e]=OK ;;
-  2) STATUS[e2e]="CHECK-FAILED" ;;
-  124) STATUS[e2e]=TIMEOUT ;;
-  *) STATUS[e2e]=FAIL ;;
-esac
-note "e2e ${STATUS[e2e]}"
+run_bench e2e 150 "$OUT/bench_e2e.log" "$PY" bench/bench_gpu_e2e.py
 
 # ------------------------------------------------------------------------- compute-sanitizer
 # Small cases, our kernels only: out-of-bounds (memcheck) and shared-memory races (racecheck)
