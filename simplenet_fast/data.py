@@ -19,48 +19,16 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
+from .preprocess import IMAGE_EXTENSIONS, _is_image, crop_offset, image_files, resized_size
+
 __all__ = [
     "IMAGE_EXTENSIONS", "image_files",
     "TestItem", "MVTecCategory", "mvtec_categories", "mask_to_model_view",
     "ElpvSplit", "elpv_split",
 ]
 
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
-
 PathLike = Union[str, os.PathLike]
 _NEAREST = getattr(Image, "Resampling", Image).NEAREST  # Pillow >= 9.1 spells it Resampling
-
-
-# ----------------------------------------------------------------------------------------------
-# Folders of images
-
-
-def _is_image(path: Path) -> bool:
-    # Hidden files are skipped: macOS "._name.png" resource forks carry an image suffix but are
-    # not images.
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") \
-        and path.is_file()
-
-
-def image_files(folder: PathLike, recursive: bool = False) -> list[Path]:
-    """Sorted paths of the image files (png, jpg, jpeg, bmp, tif, tiff, webp; any letter case)
-    in ``folder``, or below it with ``recursive=True``. Hidden files are skipped.
-
-    Raises ``FileNotFoundError`` if the folder does not exist or holds no image, and
-    ``NotADirectoryError`` if it is a file.
-    """
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"expected a folder of images, got a file: {folder}")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in candidates if _is_image(p))
-    if not files:
-        where = "in or below" if recursive else "in"
-        kinds = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
-        raise FileNotFoundError(f"no image files ({kinds}) {where} {folder}")
-    return files
 
 
 # ----------------------------------------------------------------------------------------------
@@ -73,9 +41,7 @@ def _resized_size(height: int, width: int, resize: Union[int, Sequence[int]]) ->
     if isinstance(resize, (int, np.integer)):
         if resize <= 0:
             raise ValueError(f"resize must be positive, got {resize}")
-        if height <= width:
-            return int(resize), int(resize * width / height)
-        return int(resize * height / width), int(resize)
+        return resized_size(height, width, int(resize))  # the images' own rule
     h, w = (int(v) for v in resize)
     if h <= 0 or w <= 0:
         raise ValueError(f"resize must be positive, got {tuple(resize)}")
@@ -92,7 +58,7 @@ def _crop_box(height: int, width: int, crop: Union[int, Sequence[int]]
         ch, cw = (int(c) for c in crop)
     if ch > height or cw > width:
         raise ValueError(f"crop {ch}x{cw} is larger than the resized mask {height}x{width}")
-    return int(round((height - ch) / 2.0)), int(round((width - cw) / 2.0)), ch, cw
+    return crop_offset(height, ch), crop_offset(width, cw), ch, cw  # the images' own offsets
 
 
 def mask_to_model_view(mask: Union[np.ndarray, Image.Image],

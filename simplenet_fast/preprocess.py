@@ -8,7 +8,8 @@ host-to-device copy is 4x smaller.
 Accepted inputs (one image each, unless said otherwise):
 
 - a path (`str` / `pathlib.Path`) of an image file PIL can read, or of a folder: a folder means its
-  image files (suffixes in `IMAGE_SUFFIXES`, not recursive), sorted by name;
+  image files (`image_files`: suffixes in `IMAGE_EXTENSIONS`, hidden files skipped, not
+  recursive), sorted by name;
 - a `PIL.Image.Image`;
 - a numpy array `HxW`, or `HxWxC` with C = 1 (grey), 3 (RGB) or 4 (RGBA), of dtype uint8 or uint16;
 - a torch tensor `CxHxW` (one image) or `BxCxHxW` (B images), C = 1 or 3, either float with
@@ -64,8 +65,8 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
-                            ".pgm", ".pbm", ".gif"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
+                              ".pgm", ".pbm", ".gif"})
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
 
@@ -258,13 +259,31 @@ def preprocess_image(source: ImageSource, image_size: int = 288, resize: int = 3
 
 
 # ---------------------------------------------------------------------------------- many images
-def list_folder(folder: str | os.PathLike) -> list[Path]:
-    """The image files directly inside `folder` (suffixes in IMAGE_SUFFIXES), sorted by name."""
+def _is_image(path: Path) -> bool:
+    # Hidden files are skipped: macOS "._name.png" resource forks carry an image suffix but are
+    # not images.
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") \
+        and path.is_file()
+
+
+def image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
+    """Sorted paths of the image files (suffixes in ``IMAGE_EXTENSIONS``, any letter case) in
+    ``folder``, or below it with ``recursive=True``. Hidden files are skipped.
+
+    Raises ``FileNotFoundError`` if the folder does not exist or holds no image, and
+    ``NotADirectoryError`` if it is a file.
+    """
     folder = Path(folder)
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"expected a folder of images, got a file: {folder}")
+    candidates = folder.rglob("*") if recursive else folder.iterdir()
+    files = sorted(p for p in candidates if _is_image(p))
     if not files:
-        raise ValueError(f"folder {str(folder)!r} holds no image files (looked for "
-                         f"{', '.join(sorted(IMAGE_SUFFIXES))})")
+        where = "in or below" if recursive else "in"
+        kinds = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+        raise FileNotFoundError(f"no image files ({kinds}) {where} {folder}")
     return files
 
 
@@ -286,7 +305,7 @@ def _walk(images: Any, what: str, top: bool = False) -> Iterator[tuple[str, Imag
     if isinstance(images, (str, os.PathLike)):
         path = Path(images)
         if path.is_dir():
-            for file in list_folder(path):
+            for file in image_files(path):
                 yield str(file), file
         else:
             yield str(path), path
@@ -339,5 +358,5 @@ def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x / 255.0 - mean) / std
 
 
-__all__ = ["preprocess_image", "iter_sources", "iter_batches", "list_folder", "normalise",
-           "resized_size", "crop_offset", "IMAGE_SUFFIXES"]
+__all__ = ["preprocess_image", "iter_sources", "iter_batches", "image_files", "normalise",
+           "resized_size", "crop_offset", "IMAGE_EXTENSIONS"]

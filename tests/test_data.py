@@ -266,17 +266,3 @@ def test_elpv_missing_package_message(monkeypatch):
     monkeypatch.setitem(sys.modules, "elpv_dataset.utils", None)
     with pytest.raises(ImportError, match=r"pip install elpv-dataset.*simplenet_fast\[elpv\]"):
         data._load_elpv()
-
-
-def test_mask_geometry_matches_image_preprocessing():
-    """Masks and images must go through one geometry (SPEC 1.1), or the maps shift."""
-    preprocess = pytest.importorskip("simplenet_fast.preprocess")
-    if not hasattr(preprocess, "resized_size") or not hasattr(preprocess, "crop_offset"):
-        pytest.skip("simplenet_fast.preprocess has no resized_size / crop_offset")
-    for h, w in [(329, 329), (300, 450), (450, 300), (700, 1024), (1024, 700), (291, 288)]:
-        for resize, crop in [(329, 288), (288, 288), (256, 224)]:
-            assert data._resized_size(h, w, resize) == tuple(preprocess.resized_size(h, w, resize))
-            rh, rw = data._resized_size(h, w, resize)
-            top, left, _, _ = data._crop_box(rh, rw, crop)
-            expected = (preprocess.crop_offset(rh, crop), preprocess.crop_offset(rw, crop))
-            assert (top, left) == expected

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from simplenet_fast.preprocess import (crop_offset, iter_batches, iter_sources, list_folder,
+from simplenet_fast.preprocess import (crop_offset, image_files, iter_batches, iter_sources,
                                        normalise, preprocess_image, resized_size)
 
 SIZE, RESIZE = 64, 72
@@ -199,7 +199,7 @@ def test_bad_types_and_empty_collections(tmp_path):
     with pytest.raises(ValueError, match="no images given"):
         list(iter_batches(torch.zeros(0, 3, 72, 72), 4, SIZE, RESIZE))
     (tmp_path / "notes.txt").write_text("not an image")
-    with pytest.raises(ValueError, match="holds no image files") as info:
+    with pytest.raises(FileNotFoundError, match="no image files") as info:
         list(iter_batches(tmp_path, 4, SIZE, RESIZE))
     assert str(tmp_path) in str(info.value)
     with pytest.raises(ValueError, match="batch_size"):
@@ -259,9 +259,10 @@ def test_folder_lists_sorted_images_only(tmp_path):
     for name in ("b.png", "a.JPG", "c.bmp"):
         Image.fromarray(rgb_array(seed=len(name) + ord(name[0]))).save(tmp_path / name)
     (tmp_path / "readme.txt").write_text("x")
+    (tmp_path / "._b.png").write_bytes(b"macOS resource fork, not an image")
     (tmp_path / "sub").mkdir()
     Image.fromarray(rgb_array()).save(tmp_path / "sub" / "d.png")
-    files = list_folder(tmp_path)
+    files = image_files(tmp_path)  # the same listing as the CLI's
     assert [f.name for f in files] == ["a.JPG", "b.png", "c.bmp"]
     assert [name for name, _ in iter_sources(tmp_path)] == [str(f) for f in files]
     (batch,) = iter_batches(tmp_path, 8, SIZE, RESIZE)
