@@ -660,6 +660,10 @@ def cmd_score(args) -> int:
                 result = model(crops)
                 scores = result.pred_score.float().cpu()
                 labels = None if result.pred_label is None else result.pred_label.cpu()
+                if heat_dir is not None:  # one device-to-host copy per batch, not per image
+                    maps = result.anomaly_map.float().cpu().numpy()
+                    masks = None if result.pred_mask is None else result.pred_mask.cpu().numpy()
+                    vmin, vmax = scale if scale else (None, None)
                 normalised = (normalize_scores(scores.double().numpy(), thresholds)
                               if can_normalise else None)
                 for i, (p, crop) in enumerate(good):
@@ -668,13 +672,9 @@ def cmd_score(args) -> int:
                            "normalized_score": "" if normalised is None else f"{normalised[i]:.6f}",
                            "heatmap": "", "error": "", "value": float(scores[i])}
                     if heat_dir is not None:
-                        mask = None
-                        if result.pred_mask is not None and label != "normal":
-                            mask = result.pred_mask[i].cpu().numpy()
-                        vmin, vmax = scale if scale else (None, None)
+                        mask = masks[i] if masks is not None and label != "normal" else None
                         out = namer(p.stem)
-                        save_overlay(out, crop.numpy(), result.anomaly_map[i].float().cpu().numpy(),
-                                     mask=mask, vmin=vmin, vmax=vmax,
+                        save_overlay(out, crop.numpy(), maps[i], mask=mask, vmin=vmin, vmax=vmax,
                                      side_by_side=args.side_by_side)
                         row["heatmap"] = str(out)
                     rows.append(row)
