@@ -176,10 +176,14 @@ class SimpleNetHead(nn.Module):
         return self._cached(("weights", torch.device(device), dtype),
                             lambda: (folded.weight2.to(dtype), folded.weight3.to(dtype)))
 
+    def weights_state(self) -> tuple:
+        """Storage and version counter of every tensor the fold reads: an optimiser step,
+        load_state_dict or load_official_state_dict changes it. Keys the fold cache here and the
+        model's captured CUDA graphs."""
+        return tuple((t.data_ptr(), t._version) for t in self._fold_inputs())
+
     def _cached(self, key, build):
-        # Keyed on every folded tensor's storage and version counter: an optimiser step,
-        # load_state_dict or load_official_state_dict bumps a version, and the fold is redone.
-        state = tuple((t.data_ptr(), t._version) for t in self._fold_inputs())
+        state = self.weights_state()  # a changed weight redoes the fold
         cached = self._fold_cache.get(key)
         if cached is None or cached[0] != state:
             cached = (state, build())

@@ -283,7 +283,7 @@ class SimpleNet(nn.Module):
         n = batch.shape[0]
         size = batch_size if n == batch_size or self._graph_key(batch_size, fused) in self._graphs else n
         key = self._graph_key(size, fused)
-        weights = self._weights_key()
+        weights = self.head.weights_state()
         entry = self._graphs.get(key)
         if entry is None or entry[0] != weights:
             # New, or its weights changed (a captured graph would replay stale folded weights).
@@ -318,9 +318,6 @@ class SimpleNet(nn.Module):
         with torch.cuda.graph(graph):
             static_out = self._device_forward(static_in, fused, check=False)
         return graph, static_in, static_out
-
-    def _weights_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in self.head._fold_inputs())
 
     # ------------------------------------------------------------------------------ training
     def fit(self, images: Any, epochs: int = 160, batch_size: int = 8, seed: int | None = None,
