@@ -71,6 +71,7 @@ SYNTHETIC_SEED = 20261128    # synthetic defects of the validation normals (+ ce
 CELL_TYPES = ("mono", "poly")
 AUROC_AGREEMENT = 1e-3     # fused vs reference test AUROC (the requirement)
 FEATURE_BATCH = 8
+TRAIN_BATCH = 8            # fit's batch size, the paper's
 SCORE_BATCH = 16
 
 
@@ -254,7 +255,7 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
     model._embed_all = embed_all
     spent = [0.0]
     if checkpoints:
-        step, steps_per_epoch, count = model._train_step, math.ceil(n / 8), [0]
+        step, steps_per_epoch, count = model._train_step, math.ceil(n / TRAIN_BATCH), [0]
 
         def train_step(*args):
             loss = step(*args)
@@ -271,7 +272,7 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
     # fit takes the 300x300 images and crops them itself (a crop passed again would be resized)
     images = list(feats.raw[index.numpy()])
     start = time.perf_counter()
-    history = model.fit(images, epochs=epochs, batch_size=8, seed=seed, progress=False,
+    history = model.fit(images, epochs=epochs, batch_size=TRAIN_BATCH, seed=seed, progress=False,
                         feature_cache_bytes=1 << 40)
     seconds = time.perf_counter() - start - spent[0]
     del model._embed_all
