@@ -95,7 +95,8 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
     """[B, H2, W2] patch scores through the compiled kernels (SPEC 4); features already checked.
 
     `out`, if given, is a contiguous float32 [B, H2, W2] tensor on the features' device that
-    receives the scores (and is returned): tests poison it, CUDA graphs reuse it.
+    receives the scores (and is returned): tests pass a poisoned one to see every score written,
+    bench/bench_gpu.py a preallocated one to time the kernels alone.
     """
     module = native()
     f2, f3 = features

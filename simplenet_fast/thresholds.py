@@ -221,7 +221,7 @@ def calibrate(model, normal_images: Any, method: str = "quantile", q: float = DE
                       "use a few dozen held-out normal images or more", stacklevel=2)
     if method == "quantile":
         image = float(np.quantile(scores.astype(np.float64), q))
-        pixel = float(np.quantile(pixels, pixel_q)) if pixels.size else None
+        pixel = float(np.quantile(pixels, pixel_q))
         params = {"q": float(q), "pixel_q": float(pixel_q), "k": None}
     else:
         image = float(scores.mean(dtype=np.float64) + k * scores.std(dtype=np.float64, ddof=1))
