@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from .backbones import build_backbone
 from .head import SimpleNetHead, check_scores
-from .postprocess import anomaly_map as _anomaly_map
+from .postprocess import anomaly_map as _anomaly_map, check_sigma
 from .preprocess import iter_batches, iter_sources, normalise, preprocess_image
 
 FORMAT = "simplenet_fast"
@@ -121,12 +121,10 @@ class SimpleNet(nn.Module):
         if resize < image_size:
             raise ValueError(f"resize ({resize}, the short side before cropping) must be >= "
                              f"image_size ({image_size}, the crop)")
-        for name, value in (("noise_std", noise_std), ("margin", margin), ("sigma", sigma)):
+        for name, value in (("noise_std", noise_std), ("margin", margin)):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-        if sigma > image_size:
-            raise ValueError(f"sigma ({sigma}) must be <= image_size ({image_size}): a wider blur "
-                             "flattens the map and its 8*sigma+1 taps cost memory and time")
+        check_sigma(sigma, (image_size, image_size))  # the rule anomaly_map applies to the map
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
         self.backbone = build_backbone(backbone, weights=weights)

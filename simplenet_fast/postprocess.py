@@ -53,6 +53,19 @@ def axis_operator(in_size: int, out_size: int, sigma: float, device: torch.devic
     return operator.to(device=device, dtype=dtype)
 
 
+def check_sigma(sigma: float, size: tuple[int, int]) -> None:
+    """Refuse a blur `anomaly_map` cannot make for a map of `size` (H, W): not finite, negative,
+    or wider than max(MAX_SMALL_SIGMA, the longer side)."""
+    if isinstance(sigma, bool) or not isinstance(sigma, (int, float)) or not math.isfinite(sigma) \
+            or sigma < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    if sigma > max(MAX_SMALL_SIGMA, *size):
+        # Bounded so that a huge sigma cannot ask for 8*sigma+1 taps and stall for minutes; past
+        # the map's size a wider blur only flattens it further.
+        raise ValueError(f"sigma must be <= max({MAX_SMALL_SIGMA}, the map's longer side "
+                         f"{max(size)}), got {sigma}")
+
+
 def anomaly_map(patch_scores: Tensor, size: tuple[int, int] | int, sigma: float = 4.0) -> Tensor:
     """[B, h, w] patch scores -> [B, H, W] map: bilinear upsample (align_corners=False), then blur.
 
@@ -70,13 +83,7 @@ def anomaly_map(patch_scores: Tensor, size: tuple[int, int] | int, sigma: float 
     size = tuple(int(s) for s in size)
     if len(size) != 2 or min(size) <= 0:
         raise ValueError(f"size must be (H, W) with positive entries, got {size}")
-    if not math.isfinite(sigma) or sigma < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma}")
-    if sigma > max(MAX_SMALL_SIGMA, *size):
-        # Bounded so that a huge sigma cannot ask for 8*sigma+1 taps and stall for minutes; past
-        # the map's size a wider blur only flattens it further.
-        raise ValueError(f"sigma must be <= max({MAX_SMALL_SIGMA}, the map's longer side "
-                         f"{max(size)}), got {sigma}")
+    check_sigma(sigma, size)
     if patch_scores.shape[0] == 0:
         return patch_scores.new_empty(0, *size)
     _, h, w = patch_scores.shape

@@ -284,7 +284,7 @@ def test_pickle_payload_inside_the_config_never_runs(saved, tmp_path):
 def test_model_constructor_bounds_what_a_file_could_declare():
     for kwargs, message in ((dict(image_size=9000, resize=9000), "image_size must be an int in 1..8192"),
                             (dict(pretrain_embed_dim=10**6), "pretrain_embed_dim must be <= 16384"),
-                            (dict(sigma=100.0, image_size=64, resize=72), "sigma .* must be <= image_size")):
+                            (dict(sigma=100.0, image_size=64, resize=72), r"sigma must be <= max\(64.*longer side 64\)")):
         with pytest.raises(ValueError, match=message):
             SimpleNet(TinyBackbone(), weights=None, **kwargs)
 
