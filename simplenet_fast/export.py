@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._fold import TAPS
+from ._fold import TAPS, upsample_hidden
 from .postprocess import axis_operator
 
 __all__ = ["export_onnx", "check_onnx", "onnx_metadata", "OnnxScoring", "INPUT_FORMATS"]
@@ -121,9 +121,7 @@ class OnnxScoring(nn.Module):
         hidden = self.weight2.shape[0]
         hidden2 = torch.matmul(self.weight2, pooled2.reshape(-1, self.columns2, h2 * w2))
         hidden3 = torch.matmul(self.weight3, pooled3.reshape(-1, self.columns3, h3 * w3))
-        # Bilinear upsampling commutes with the linear map: upsample in the hidden space (SPEC 4).
-        hidden3 = F.interpolate(hidden3.reshape(-1, hidden, h3, w3), size=(h2, w2),
-                                mode="bilinear", align_corners=False)
+        hidden3 = upsample_hidden(hidden3.reshape(-1, hidden, h3, w3), (h2, w2))
         h = hidden2.reshape(-1, hidden, h2, w2) + hidden3 + self.bias
         h = F.leaky_relu(h, self.negative_slope)
         logits = torch.matmul(self.w_out, h.reshape(-1, hidden, h2 * w2))  # [B, 1, h2*w2]
