@@ -76,6 +76,16 @@ def randomize_backbone_bn(module: nn.Module, seed: int) -> None:
                 bn.bias.copy_(0.1 * torch.randn(c, generator=g))
 
 
+def random_backbone(name: str, bn_seed: int = 1) -> nn.Module:
+    """`build_backbone(name)` with seeded random weights and randomised BN statistics."""
+    from simplenet_fast.backbones import build_backbone
+
+    torch.manual_seed(0)
+    m = build_backbone(name, weights=None)
+    randomize_backbone_bn(m, bn_seed)
+    return m
+
+
 class TinyBackbone(nn.Module):
     """Stride 8 and 16 maps in two convolutions: scoring costs ~1 ms, so fuzzing can run many."""
 

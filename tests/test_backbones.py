@@ -15,7 +15,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_backbone_bn, relative_error
+from conftest import random_backbone, relative_error
 from simplenet_fast.backbones import (IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD,
                                       CustomBackbone, EfficientNetLite0, FeatureExtractor,
                                       WideResNet50_2, available_backbones, build_backbone)
@@ -28,10 +28,7 @@ def _sha256(path) -> str:
 
 @pytest.fixture(scope="module")
 def wrn():
-    torch.manual_seed(0)
-    m = build_backbone("wide_resnet50_2", weights=None)
-    randomize_backbone_bn(m, 1)
-    return m
+    return random_backbone("wide_resnet50_2")
 
 
 def _lite_file() -> str:
@@ -348,9 +345,7 @@ def test_lite_missing_package_says_what_to_install(monkeypatch):
 
 
 def test_lite_file_round_trip(tmp_path):
-    torch.manual_seed(0)
-    m = build_backbone("efficientnet_lite0", weights=None)
-    randomize_backbone_bn(m, 2)
+    m = random_backbone("efficientnet_lite0", bn_seed=2)
     path = tmp_path / "lite.pth"
     torch.save(m.state_dict(), path)
     loaded = build_backbone("efficientnet-lite0", weights=path)

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import randomize_backbone_bn, relative_error
+from conftest import random_backbone, randomize_backbone_bn, relative_error
 from simplenet_fast.backbones import build_backbone, efficientnet_lite
 
 TOLERANCE = 1e-5  # relative L2; measured 1.0e-6 (layer2) and 2.3e-6 (layer3)
@@ -22,10 +22,7 @@ TOLERANCE = 1e-5  # relative L2; measured 1.0e-6 (layer2) and 2.3e-6 (layer3)
 
 @pytest.fixture(scope="module")
 def random_lite():
-    torch.manual_seed(0)
-    m = build_backbone("efficientnet_lite0", weights=None)
-    randomize_backbone_bn(m, 1)
-    return m
+    return random_backbone("efficientnet_lite0")
 
 
 @pytest.fixture(scope="module")
