@@ -9,7 +9,9 @@ to find (cracks, regions cut off by a crack, interrupted fingers), each at a ran
 obvious, so that a validation AUROC has room to move.
 
 Each defect multiplies the grey values under a soft mask by a darkening factor: EL images show
-electrically inactive silicon as dark, and nothing a defect does makes a cell brighter.
+electrically inactive silicon as dark, and nothing a defect does makes a cell brighter. Its
+ground-truth mask (for pixel AUROC and AUPRO) is where the soft mask is at least half on
+(`MASK_LEVEL`): the defect's region, however faint its darkening.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 DEFECT_KINDS = ("crack", "dark_region", "finger_breaks")
+MASK_LEVEL = 0.5  # soft-mask weight from which a pixel belongs to the defect's ground truth
 
 
 def _polyline(rng: np.random.Generator, size: int) -> list[tuple[float, float]]:
@@ -61,18 +64,20 @@ def _mask(kind: str, rng: np.random.Generator, size: int) -> Image.Image:
     raise ValueError(f"unknown defect kind {kind!r}; known: {DEFECT_KINDS}")
 
 
-def add_defect(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """A copy of a square uint8 grey cell, darkened by one defect of a random kind."""
+def add_defect(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(a copy of a square uint8 grey cell darkened by one defect of a random kind, its bool
+    ground-truth mask)."""
     if image.ndim != 2 or image.shape[0] != image.shape[1] or image.dtype != np.uint8:
         raise ValueError(f"expected a square 2-D uint8 image, got {image.shape} {image.dtype}")
     kind = DEFECT_KINDS[rng.integers(len(DEFECT_KINDS))]
     weight = np.asarray(_mask(kind, rng, image.shape[0]), np.float32) / 255
     darkening = rng.uniform(0.4, 0.9)  # grey value kept under the defect: faint to obvious
     out = image.astype(np.float32) * (1 - weight * (1 - darkening))
-    return np.clip(np.rint(out), 0, 255).astype(np.uint8)
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8), weight >= MASK_LEVEL
 
 
-def defective_copies(images: np.ndarray, seed: int) -> np.ndarray:
-    """One synthetic defect per image, reproducible from `seed`."""
+def defective_copies(images: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(one synthetic defect per image, their masks), reproducible from `seed`."""
     rng = np.random.default_rng(seed)
-    return np.stack([add_defect(image, rng) for image in images])
+    copies, masks = zip(*(add_defect(image, rng) for image in images))
+    return np.stack(copies), np.stack(masks)

@@ -16,20 +16,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .backbones import build_backbone
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map, check_sigma
 from .preprocess import iter_batches, iter_sources, normalise, preprocess_image
+from .recipes import RecipeTrainer, resolve_recipe
 
 FORMAT = "simplenet_fast"
 FORMAT_VERSION = 1
-
-# SPEC 2: the official optimisers and constant learning rates.
-ADAPTOR_LR, ADAPTOR_WEIGHT_DECAY = 1e-4, 0.01        # AdamW
-DISCRIMINATOR_LR, DISCRIMINATOR_WEIGHT_DECAY = 2e-4, 1e-5  # Adam
 
 DEFAULT_FEATURE_CACHE_BYTES = 2 * 1024**3
 _PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -80,7 +76,11 @@ class SimpleNet(nn.Module):
         image_size: side of the centre crop the model sees (288 in the paper).
         resize: the short side is resized to this before cropping (329 in the paper).
         pretrain_embed_dim, target_embed_dim, hidden: head sizes (SPEC 1.5, 1.6, 1.8).
-        noise_std, margin: training noise and loss margin (SPEC 2).
+        noise_std, margin: training noise and loss margin (SPEC 2; under a relative-noise
+            recipe `noise_std` is a fraction of the adapted features' spread).
+        recipe: how the head is trained: "paper" (SPEC 2), another name of
+            `simplenet_fast.recipes.RECIPES`, a `TrainingRecipe` or its text form. Inference
+            does not depend on it.
         sigma: Gaussian blur of the anomaly map (SPEC 1.10); 0 disables it.
         precision: "float32", or "bfloat16" (CUDA only): the backbone then runs under
             `torch.autocast(bfloat16)` in channels-last layout and the fused head computes in
@@ -107,6 +107,7 @@ class SimpleNet(nn.Module):
         hidden: int = 1024,
         noise_std: float = 0.015,
         margin: float = 0.5,
+        recipe: Any = "paper",
         sigma: float = 4.0,
         precision: str = "float32",
         device: torch.device | str | None = None,
@@ -133,6 +134,7 @@ class SimpleNet(nn.Module):
         self.resize = int(resize)
         self.noise_std = float(noise_std)
         self.margin = float(margin)
+        self.recipe, self._recipe = resolve_recipe(recipe)
         self.sigma = float(sigma)
         self.precision = precision
         self.image_threshold: float | None = None
@@ -165,6 +167,7 @@ class SimpleNet(nn.Module):
             "hidden": self.head.hidden,
             "noise_std": self.noise_std,
             "margin": self.margin,
+            "recipe": self.recipe,
             "sigma": self.sigma,
             "precision": self.precision,
         }
@@ -348,10 +351,16 @@ class SimpleNet(nn.Module):
             the backbone's rounding across batch compositions). 0 disables the cache.
 
         Training starts from the official init (`head.reset_parameters()`), so a second `fit`
-        starts over; thresholds are cleared (they belonged to the old weights). Optimisers:
-        adaptor AdamW(lr 1e-4, weight decay 0.01), discriminator Adam(lr 2e-4, weight decay
-        1e-5), constant rates. No checkpoint is selected on test data: the weights after the
+        starts over; thresholds are cleared (they belonged to the old weights). The model's
+        `recipe` (`simplenet_fast.recipes`) makes the fake features and sets the loss and
+        schedule; optimisers: adaptor AdamW(lr 1e-4, weight decay 0.01), discriminator Adam(lr
+        2e-4, weight decay 1e-5). No checkpoint is selected on test data: the weights after the
         last epoch are kept. The head is in eval mode afterwards.
+
+        A fit that does not finish leaves the model as it was before the call: an interrupt or an
+        error restores the head and the thresholds, and a loss that is not finite (training
+        diverged) raises FloatingPointError after the epoch it happened in, so that no
+        half-trained or NaN model can be saved.
 
         Returns the mean training loss of each epoch.
         """
@@ -370,20 +379,19 @@ class SimpleNet(nn.Module):
         n = len(data)
 
         self._graphs.clear()
+        before = ({k: v.clone() for k, v in self.head.state_dict().items()},
+                  self.image_threshold, self.pixel_threshold, self.threshold_info)
         self.image_threshold = self.pixel_threshold = self.threshold_info = None
-        _seeded_reset(self.head, seed, device)
-        order_generator = torch.Generator().manual_seed(seed)
-        noise_generator = torch.Generator(device).manual_seed(seed + 1)  # < 2**64
-        adaptor_opt = torch.optim.AdamW(self.head.adaptor.parameters(), lr=ADAPTOR_LR,
-                                        weight_decay=ADAPTOR_WEIGHT_DECAY)
-        disc_opt = torch.optim.Adam(self.head.discriminator.parameters(), lr=DISCRIMINATOR_LR,
-                                    weight_decay=DISCRIMINATOR_WEIGHT_DECAY)
-
-        cache = (self._embed_all(data, batch_size, feature_cache_bytes)
-                 if epochs and feature_cache_bytes else None)
         history: list[float] = []
-        self.head.train()
         try:
+            _seeded_reset(self.head, seed, device)
+            order_generator = torch.Generator().manual_seed(seed)
+            noise_generator = torch.Generator(device).manual_seed(seed + 1)  # < 2**64
+            trainer = RecipeTrainer(self._recipe, self.head, self.noise_std, self.margin, epochs,
+                                    noise_generator)
+            cache = (self._embed_all(data, batch_size, feature_cache_bytes)
+                     if epochs and feature_cache_bytes else None)
+            self.head.train()
             bar = tqdm(range(epochs), desc="SimpleNet fit", unit="epoch", disable=not progress)
             for _ in bar:
                 order = torch.randperm(n, generator=order_generator)
@@ -395,11 +403,21 @@ class SimpleNet(nn.Module):
                         embeddings = cache[index.to(cache.device)]
                     else:
                         embeddings = self._embed(data.batch(index.tolist()))
-                    loss = self._train_step(embeddings, noise_generator, adaptor_opt, disc_opt)
+                    loss = self._train_step(embeddings, trainer)
                     total += loss.detach()
                     steps += 1
                 history.append(float(total) / steps)
+                if not math.isfinite(history[-1]):
+                    raise FloatingPointError(
+                        f"training diverged: the mean loss of epoch {len(history)} is "
+                        f"{history[-1]} (recipe {self.recipe!r}, noise_std "
+                        f"{self.noise_std:g}); the model is left as it was before fit")
+                trainer.end_epoch()
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
+        except BaseException:
+            self.head.load_state_dict(before[0])
+            self.image_threshold, self.pixel_threshold, self.threshold_info = before[1:]
+            raise
         finally:
             self.head.zero_grad(set_to_none=True)
             self.head.eval()
@@ -426,24 +444,9 @@ class SimpleNet(nn.Module):
             cache[start:start + embeddings.shape[0]] = embeddings
         return cache
 
-    def _train_step(self, embeddings: Tensor, noise_generator: torch.Generator,
-                    adaptor_opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer) -> Tensor:
-        """One SPEC 2 step on every patch of a batch; returns the loss (a 0-dim tensor)."""
-        head = self.head
-        true_feats = head.adaptor(embeddings.reshape(-1, head.target_embed_dim))
-        noise = torch.randn(true_feats.shape, generator=noise_generator, device=true_feats.device)
-        fake_feats = true_feats + noise * self.noise_std
-        # BatchNorm in training mode sees the true and the fake halves together (SPEC 2).
-        logits = head.discriminator(torch.cat([true_feats, fake_feats]))
-        true_logits, fake_logits = logits[:len(true_feats)], logits[len(true_feats):]
-        # Truncated L1 on the logits (scores are minus logits): true above +margin, fake below -margin.
-        loss = F.relu(self.margin - true_logits).mean() + F.relu(fake_logits + self.margin).mean()
-        adaptor_opt.zero_grad(set_to_none=True)
-        disc_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        adaptor_opt.step()
-        disc_opt.step()
-        return loss
+    def _train_step(self, embeddings: Tensor, trainer: RecipeTrainer) -> Tensor:
+        """One step of the model's recipe on every patch of a batch; returns the loss."""
+        return trainer.step(embeddings)
 
     # ------------------------------------------------------------------------------ save / load
     def calibrate(self, normal_images: Any, **kwargs):
@@ -553,11 +556,13 @@ class SimpleNet(nn.Module):
 
 # ---------------------------------------------------------------------------------- helpers
 _CONFIG_ARGS = ("image_size", "resize", "pretrain_embed_dim", "target_embed_dim", "hidden",
-                "noise_std", "margin", "sigma", "precision")
+                "noise_std", "margin", "recipe", "sigma", "precision")
 _CONFIG_TYPES = {"backbone": str, "weights_id": str, "image_size": int, "resize": int,
                  "pretrain_embed_dim": int, "target_embed_dim": int, "hidden": int,
                  "noise_std": (int, float), "margin": (int, float), "sigma": (int, float),
-                 "precision": str}
+                 "precision": str, "recipe": str}
+# Entries a file written by an older release may lack, and what that release did.
+_CONFIG_SINCE = {"recipe": "paper"}  # before recipes, fit followed SPEC 2
 
 
 def _first_line(error: BaseException) -> str:
@@ -590,6 +595,7 @@ def _check_payload(obj: Any, where: str) -> tuple[dict, dict, dict | None]:
     config = obj["config"]
     if not isinstance(config, dict):
         raise ValueError(f"{where}: config must be a dict, got {type(config).__name__}")
+    config = {**_CONFIG_SINCE, **config}
     for key, kind in _CONFIG_TYPES.items():
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):
             raise ValueError(f"{where}: config entry {key!r} is missing or not "
