@@ -152,29 +152,58 @@ def synthetic_features(raw: np.ndarray, seed: int, image_size: int, resize: int,
     return f2, f3, np.stack([mask_to_model_view(m, resize, image_size) for m in masks])
 
 
+def code_version() -> str:
+    """A short hash of the code that makes the cached features: preprocessing, backbones and
+    the synthetic defects (`--feature-cache` files of other code are never read)."""
+    import hashlib
+    import simplenet_fast
+    package = os.path.dirname(simplenet_fast.__file__)
+    digest = hashlib.sha1()
+    for path in sorted([os.path.join(package, "preprocess.py"),
+                        os.path.join(os.path.dirname(__file__), "synthetic_defects.py")]
+                       + [os.path.join(package, "backbones", n)
+                          for n in os.listdir(os.path.join(package, "backbones"))
+                          if n.endswith(".py")]):
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    return digest.hexdigest()[:12]
+
+
 class CellFeatures:
     """Crops and frozen-backbone features of every cell of one type at one geometry, and of a
     synthetic-defect copy of every normal cell of that type (validation only)."""
 
     def __init__(self, cell_type: str, image_size: int, resize: int, backbone, log=print,
-                 synthetic: bool = False):
+                 synthetic: bool = False, cache_dir: str | None = None):
         images, probs, types = _elpv_dataset()
         self.cell_type, self.image_size = cell_type, image_size
         self.rows = np.flatnonzero(types == cell_type)
         self.position = {int(r): i for i, r in enumerate(self.rows)}
         self.probs = probs[self.rows]
         self.raw = images[self.rows]  # 300x300 uint8 grey, read-only
+        normal = self.rows_with_probability(0)
+        self.synthetic_position = {int(r): i for i, r in enumerate(normal)}
+        path = None
+        if cache_dir:
+            path = os.path.join(cache_dir, f"{cell_type}_{image_size}_{resize}_"
+                                f"{'synthetic_' if synthetic else ''}{code_version()}.pt")
+            if os.path.isfile(path):
+                self.__dict__.update(torch.load(path, weights_only=False))
+                log(f"  features {cell_type} {image_size}px (resize {resize}) from {path}")
+                return
         self.crops, self.f2, self.f3, self.preprocess_s, self.backbone_s = backbone_features(
             self.raw, image_size, resize, backbone)
         log(f"  features {cell_type} {image_size}px (resize {resize}): {len(self.rows)} cells, "
             f"preprocessing {1e3 * self.preprocess_s / len(self.rows):.2f} ms/img, backbone "
             f"{1e3 * self.backbone_s / len(self.rows):.2f} ms/img (batch {FEATURE_BATCH})")
         if synthetic:
-            normal = self.rows_with_probability(0)
-            self.synthetic_position = {int(r): i for i, r in enumerate(normal)}
             self.synthetic_f2, self.synthetic_f3, self.synthetic_masks = synthetic_features(
                 self.raw[self.index(normal).numpy()], SYNTHETIC_SEED + CELL_TYPES.index(cell_type),
                 image_size, resize, backbone)
+        if path:
+            keep = ("crops", "f2", "f3", "preprocess_s", "backbone_s", "synthetic_f2",
+                    "synthetic_f3", "synthetic_masks")
+            torch.save({k: getattr(self, k) for k in keep if hasattr(self, k)}, path)
 
     def index(self, rows) -> torch.Tensor:
         return torch.tensor([self.position[int(r)] for r in rows], dtype=torch.long)
@@ -330,10 +359,11 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
 class Features:
     """CellFeatures per (cell type, geometry), one geometry held at a time."""
 
-    def __init__(self, log, synthetic: bool = False):
+    def __init__(self, log, synthetic: bool = False, cache_dir: str | None = None):
         self.backbone = build_backbone("efficientnet_lite0")
         self.log = log
         self.synthetic = synthetic
+        self.cache_dir = cache_dir
         self.held: dict = {}
 
     def get(self, cell_type: str, cfg: Config) -> CellFeatures:
@@ -342,7 +372,7 @@ class Features:
             for k in [k for k in self.held if k[1] != geometry]:
                 del self.held[k]
             self.held[cell_type, geometry] = CellFeatures(cell_type, *geometry, self.backbone,
-                                                          self.log, self.synthetic)
+                                                          self.log, self.synthetic, self.cache_dir)
         return self.held[cell_type, geometry]
 
 
@@ -350,7 +380,7 @@ def run_select(args, cell_types, log) -> dict:
     grid = [Config(s, t, args.pretrain_dim, h, n, max(args.checkpoints), c, r)
             for s in args.image_sizes for c in args.crops for t in args.embed_dims
             for h in args.hiddens for r in args.recipes for n in args.noise_stds]
-    feats = Features(log, synthetic=True)
+    feats = Features(log, synthetic=True, cache_dir=args.feature_cache)
     rows = []
     train_seeds = args.train_seeds or [args.val_seed]
     log(f"selection: {len(grid)} configs x {cell_types}, validation on the training side of seed "
@@ -541,7 +571,7 @@ def run_nearest_neighbour(args, cell_types, log) -> dict:
     `--val-seed` (as `--select`) and on the test set of every seed in `--seeds`."""
     cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
                  args.epochs, args.crop, args.recipe)
-    feats = Features(log, synthetic=True)
+    feats = Features(log, synthetic=True, cache_dir=args.feature_cache)
     log(f"nearest neighbour on {cfg.label().split(' H')[0]} embeddings, memory fraction "
         f"{args.nn_memory_fraction:g}, validation of seed {args.val_seed}, test seeds {args.seeds}")
     model = make_model(cfg, feats.backbone)  # only its parameter-free head.embed is used
@@ -593,7 +623,7 @@ def synthetic_summary(row: dict) -> str:
 def run_protocol(args, cell_types, log) -> dict:
     cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
                  args.epochs, args.crop, args.recipe)
-    feats = Features(log)
+    feats = Features(log, cache_dir=args.feature_cache)
     log(f"protocol: {cfg.label()}, seeds {args.seeds}, {cell_types}")
     rows = []
     for ct in cell_types:
@@ -716,6 +746,9 @@ def main(argv=None) -> int:
                         "AUROC, AUPRO; seeds never used in selection): final report only")
     p.add_argument("--nn-memory-fraction", type=float, default=1.0,
                    help="seeded random fraction of the training patches kept as memory")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="keep the backbone features of every geometry in DIR between runs (about "
+                        "1 GB per geometry; keyed by a hash of the code that makes them)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write results to this .json (and a .csv beside it)")
     args = p.parse_args(argv)

@@ -128,13 +128,14 @@ class SimpleNet(nn.Module):
         check_sigma(sigma, (image_size, image_size))  # the rule anomaly_map applies to the map
         if precision not in _PRECISIONS:
             raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+        recipe_name, training_recipe = resolve_recipe(recipe)
         self.backbone = build_backbone(backbone, weights=weights)
         self.head = SimpleNetHead(self.backbone.channels, pretrain_embed_dim, target_embed_dim, hidden)
         self.image_size = int(image_size)
         self.resize = int(resize)
         self.noise_std = float(noise_std)
         self.margin = float(margin)
-        self.recipe, self._recipe = resolve_recipe(recipe)
+        self.recipe, self._recipe = recipe_name, training_recipe
         self.sigma = float(sigma)
         self.precision = precision
         self.image_threshold: float | None = None
