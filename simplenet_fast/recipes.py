@@ -33,6 +33,8 @@ Fields:
 - ``loss``: ``"truncated_l1"`` (SPEC 2: ``relu(margin - true) + relu(fake + margin)`` on the
   logits) or ``"softplus"`` (logistic loss, ``softplus(-true) + softplus(fake)``; never flat, so
   well-separated patches keep pulling; ``margin`` is unused).
+- ``lr_scale``: both learning rates are SPEC 2's times this (a short schedule can learn as far
+  as a long one at a higher rate).
 - ``lr_milestones``, ``lr_gamma``: both learning rates are multiplied by ``lr_gamma`` after each
   milestone, given as a fraction of the epochs (SuperSimpleNet: 0.8 and 0.9, gamma 0.4).
 - ``adaptor_init``: ``"xavier"`` (SPEC 2) or ``"identity"`` (the adaptor starts as the identity
@@ -65,6 +67,7 @@ class TrainingRecipe:
     noise: str = "absolute"
     levels: tuple[float, ...] = (1.0,)
     loss: str = "truncated_l1"
+    lr_scale: float = 1.0
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.4
     adaptor_init: str = "xavier"
@@ -86,6 +89,8 @@ class TrainingRecipe:
                              f"(0, 1), got {self.lr_milestones}")
         if not (isinstance(self.lr_gamma, (int, float)) and 0 < self.lr_gamma <= 1):
             raise ValueError(f"recipe lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+        if not (isinstance(self.lr_scale, (int, float)) and 0 < self.lr_scale <= 100):
+            raise ValueError(f"recipe lr_scale must be in (0, 100], got {self.lr_scale!r}")
 
     @property
     def fake_copies(self) -> int:
@@ -170,9 +175,11 @@ class RecipeTrainer:
             with torch.no_grad():
                 head.adaptor.weight.copy_(torch.eye(head.target_embed_dim))
                 head.adaptor.bias.zero_()
-        self.adaptor_opt = torch.optim.AdamW(head.adaptor.parameters(), lr=ADAPTOR_LR,
+        self.adaptor_opt = torch.optim.AdamW(head.adaptor.parameters(),
+                                             lr=ADAPTOR_LR * recipe.lr_scale,
                                              weight_decay=ADAPTOR_WEIGHT_DECAY)
-        self.disc_opt = torch.optim.Adam(head.discriminator.parameters(), lr=DISCRIMINATOR_LR,
+        self.disc_opt = torch.optim.Adam(head.discriminator.parameters(),
+                                         lr=DISCRIMINATOR_LR * recipe.lr_scale,
                                          weight_decay=DISCRIMINATOR_WEIGHT_DECAY)
         # Epochs after which the rates drop; a milestone that rounds to 0 epochs never fires.
         self.drops = [round(f * epochs) for f in recipe.lr_milestones]

@@ -26,11 +26,11 @@ def trainer_for(recipe: TrainingRecipe, head, noise_std=0.5, margin=0.5, epochs=
 # ------------------------------------------------------------------------------- text form
 def test_spec_round_trips_and_paper_is_the_default():
     assert RECIPES["paper"] == TrainingRecipe() and TrainingRecipe().spec() == ""
-    recipe = TrainingRecipe(noise="diagonal", levels=(0.5, 1, 2), loss="softplus",
+    recipe = TrainingRecipe(noise="diagonal", levels=(0.5, 1, 2), loss="softplus", lr_scale=3,
                             lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity")
     assert TrainingRecipe.parse(recipe.spec()) == recipe
-    assert recipe.spec() == ("noise=diagonal,levels=0.5+1+2,loss=softplus,lr_milestones=0.8+0.9,"
-                             "lr_gamma=0.5,adaptor_init=identity")
+    assert recipe.spec() == ("noise=diagonal,levels=0.5+1+2,loss=softplus,lr_scale=3,"
+                             "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity")
     assert resolve_recipe("paper") == ("paper", RECIPES["paper"])
     assert resolve_recipe(TrainingRecipe()) == ("paper", RECIPES["paper"])  # registered: its name
     assert resolve_recipe("levels=1+2") == ("levels=1+2", TrainingRecipe(levels=(1, 2)))
@@ -40,7 +40,7 @@ def test_spec_round_trips_and_paper_is_the_default():
     ("nonsense", "recipe must be one of"), ("noise=gaussian", "noise must be one of"),
     ("levels=0", "levels"), ("levels=1+nan", "levels"), ("levels=" + "+".join(["1"] * 9), "levels"),
     ("loss=l2", "loss must be"), ("lr_milestones=0.9+0.8", "increasing"),
-    ("lr_milestones=1.5", "lr_milestones"), ("lr_gamma=0", "lr_gamma"),
+    ("lr_milestones=1.5", "lr_milestones"), ("lr_gamma=0", "lr_gamma"), ("lr_scale=0", "lr_scale"),
     ("adaptor_init=zeros", "adaptor_init"), ("levels=a", "takes numbers"), ("depth=3", "key=value"),
 ])
 def test_bad_recipes_raise_clear_errors(bad, match):
@@ -113,14 +113,15 @@ def test_one_step_by_hand_softplus_several_levels():
 # ------------------------------------------------------------------------------- schedule, init
 def test_learning_rates_drop_at_the_milestones():
     head, _ = head_and_embeddings()
-    trainer = trainer_for(TrainingRecipe(lr_milestones=(0.5, 0.8), lr_gamma=0.1), head, epochs=10)
+    trainer = trainer_for(TrainingRecipe(lr_scale=2, lr_milestones=(0.5, 0.8), lr_gamma=0.1), head,
+                          epochs=10)
     rates = []
     for _ in range(10):
         rates.append((trainer.adaptor_opt.param_groups[0]["lr"], trainer.disc_opt.param_groups[0]["lr"]))
         trainer.end_epoch()
-    assert rates[:5] == [(1e-4, 2e-4)] * 5  # epochs 1-5
-    assert rates[5:8] == [pytest.approx((1e-5, 2e-5))] * 3  # after epoch 5
-    assert rates[8:] == [pytest.approx((1e-6, 2e-6))] * 2  # after epoch 8
+    assert rates[:5] == [(2e-4, 4e-4)] * 5  # epochs 1-5: SPEC 2's rates times lr_scale
+    assert rates[5:8] == [pytest.approx((2e-5, 4e-5))] * 3  # after epoch 5
+    assert rates[8:] == [pytest.approx((2e-6, 4e-6))] * 2  # after epoch 8
 
 
 def test_identity_adaptor_init():
