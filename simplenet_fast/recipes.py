@@ -31,8 +31,11 @@ Fields:
 - ``levels``: one fake copy of every patch per level, with noise std ``level * noise_std``; the
   fake term of the loss is the mean over all copies.
 - ``loss``: ``"truncated_l1"`` (SPEC 2: ``relu(margin - true) + relu(fake + margin)`` on the
-  logits) or ``"softplus"`` (logistic loss, ``softplus(-true) + softplus(fake)``; never flat, so
-  well-separated patches keep pulling; ``margin`` is unused).
+  logits, each term a mean over all patches), ``"hard_l1"`` (the same terms, each a mean over
+  the patches that still violate the margin only: once most normal patches are learned, the
+  rare normal patterns left keep their full weight instead of 1/N each) or ``"softplus"``
+  (logistic loss, ``softplus(-true) + softplus(fake)``; never flat, so well-separated patches
+  keep pulling; ``margin`` is unused).
 - ``lr_scale``: both learning rates are SPEC 2's times this (a short schedule can learn as far
   as a long one at a higher rate).
 - ``lr_milestones``, ``lr_gamma``: both learning rates are multiplied by ``lr_gamma`` after each
@@ -50,7 +53,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 NOISE_KINDS = ("absolute", "relative", "diagonal", "covariance")
-LOSSES = ("truncated_l1", "softplus")
+LOSSES = ("truncated_l1", "hard_l1", "softplus")
 ADAPTOR_INITS = ("xavier", "identity")
 
 # SPEC 2: the official optimisers and learning rates.
@@ -225,6 +228,9 @@ class RecipeTrainer:
         # the fake term is the mean over all of them (each copy has as many patches as the batch).
         if recipe.loss == "truncated_l1":
             loss = F.relu(self.margin - true_logits).mean() + F.relu(fake_logits + self.margin).mean()
+        elif recipe.loss == "hard_l1":
+            loss = _mean_of_violations(self.margin - true_logits) + _mean_of_violations(
+                fake_logits + self.margin)
         else:
             loss = F.softplus(-true_logits).mean() + F.softplus(fake_logits).mean()
         self.adaptor_opt.zero_grad(set_to_none=True)
@@ -233,6 +239,12 @@ class RecipeTrainer:
         self.adaptor_opt.step()
         self.disc_opt.step()
         return loss
+
+
+def _mean_of_violations(excess: Tensor) -> Tensor:
+    """Mean of the positive entries (0 when there are none), differentiable in them."""
+    violated = excess > 0
+    return (excess * violated).sum() / violated.sum().clamp(min=1)
 
 
 __all__ = ["TrainingRecipe", "RECIPES", "resolve_recipe", "RecipeTrainer"]

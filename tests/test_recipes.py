@@ -225,3 +225,18 @@ def test_covariance_noise_has_the_features_covariance():
     torch.testing.assert_close(draws.T @ draws / len(draws), expected, atol=0.05 * expected.abs().max(), rtol=0)
     off_span = draws - draws @ torch.linalg.pinv(basis.double()) @ basis.double()
     assert off_span.abs().max() < 1e-4
+
+
+def test_hard_l1_averages_over_the_patches_that_violate_the_margin():
+    recipe = TrainingRecipe(loss="hard_l1")
+    head, emb = head_and_embeddings(seed=6)
+    init = {k: v.clone() for k, v in head.state_dict().items()}
+    loss = trainer_for(recipe, head, noise_std=0.3, seed=2).step(emb).item()
+    head.load_state_dict(init)
+    g = torch.Generator().manual_seed(2)
+    t = head.adaptor(emb)
+    logits = head.discriminator(torch.cat([t, t + 0.3 * torch.randn(t.shape, generator=g)]))
+    true_excess, fake_excess = 0.5 - logits[:len(t)], logits[len(t):] + 0.5
+    assert 0 < int((true_excess > 0).sum()) < len(t)  # some, not all, violate: the cases differ
+    expected = true_excess[true_excess > 0].mean() + fake_excess[fake_excess > 0].mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
