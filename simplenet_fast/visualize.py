@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["jet", "overlay", "save_overlay", "mask_boundary", "CONTOUR_COLOR"]
+__all__ = ["jet", "overlay", "save_overlay", "mask_boundary", "heatmap_range", "CONTOUR_COLOR"]
 
 # matplotlib's _jet_data (lib/matplotlib/_cm.py): (x, y_below, y_above) per channel.
 _JET_DATA = {
@@ -157,3 +157,14 @@ def save_overlay(path: str | os.PathLike, image: Any, anomaly_map: Any, mask: An
         os.makedirs(parent, exist_ok=True)
     overlay(image, anomaly_map, mask, **kwargs).save(path, format="PNG")
     return path
+
+
+def heatmap_range(thresholds) -> Optional[tuple[float, float]]:
+    """(vmin, vmax) putting the pixel threshold at the middle of the colour scale, over the width
+    of the calibration maps' range (anomalib's normalisation); None without calibration data.
+    `thresholds`: a `simplenet_fast.thresholds.Thresholds`."""
+    t, low, high = thresholds.pixel, thresholds.pixel_min, thresholds.pixel_max
+    if t is None or low is None or high is None:
+        return None
+    width = (high - low) if high > low else 1.0
+    return t - 0.5 * width, t + 0.5 * width

@@ -282,19 +282,45 @@ def test_score_bad_paths_exit_1_with_a_clear_message(which, message, trained, da
     assert "Traceback" not in err
 
 
-def test_unreadable_image_stops_or_is_skipped(trained, data, tmp_path, capsys):
+def test_unreadable_image_is_reported_and_the_job_goes_on_unless_strict(trained, data, tmp_path,
+                                                                         capsys):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     good = data / "inputs" / "normal00.png"
-    assert main(["score", str(trained), str(good), str(broken), "--quiet"]) == EXIT_ERROR
-    assert "broken.png" in capsys.readouterr().err
+    out_csv, errors = tmp_path / "s.csv", tmp_path / "errors.csv"
+    assert main(["score", str(trained), str(broken), str(good), "--quiet", "--csv", str(out_csv),
+                 "--errors", str(errors)]) == EXIT_OK
+    assert [r["path"] for r in read_csv(out_csv)] == [str(good)]  # scored images only
+    (error,) = read_csv(errors)
+    assert error["path"] == str(broken) and "not an image PIL can identify" in error["error"]
+    out = capsys.readouterr().out
+    assert "1 unreadable, skipped" in out and f"wrote {errors}" in out
+    # Without --errors the reason is printed.
+    assert main(["score", str(trained), str(good), str(broken), "--quiet"]) == EXIT_OK
+    assert "unreadable: image file" in capsys.readouterr().out
+    # --strict stops at it, names it, and leaves no CSV.
+    assert main(["score", str(trained), str(good), str(broken), "--quiet", "--strict",
+                 "--csv", str(out_csv)]) == EXIT_ERROR
+    assert "broken.png" in capsys.readouterr().err and not out_csv.exists()
+    # Only unreadable images: nothing scored is an error.
+    assert main(["score", str(trained), str(broken), "--quiet"]) == EXIT_ERROR
+    assert "none of the 1 image(s) could be read" in capsys.readouterr().err
+
+
+def test_skip_errors_keeps_its_old_rows_and_warns(trained, data, tmp_path, capsys):
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    good = data / "inputs" / "normal00.png"
     out_csv = tmp_path / "s.csv"
     assert main(["score", str(trained), str(good), str(broken), "--skip-errors", "--quiet",
                  "--csv", str(out_csv)]) == EXIT_OK
     rows = read_csv(out_csv)
-    assert [r["label"] for r in rows if r["path"] == str(broken)] == ["error"]
-    assert "broken.png" in [r for r in rows if r["label"] == "error"][0]["error"]
-    assert "1 unreadable, skipped" in capsys.readouterr().out
+    assert [r["path"] for r in rows] == [str(good), str(broken)]
+    assert rows[0]["label"] in ("normal", "anomalous") and rows[0]["error"] == ""
+    assert rows[1]["label"] == "error" and rows[1]["score"] == ""
+    assert "broken.png" in rows[1]["error"]
+    assert "--skip-errors is deprecated" in capsys.readouterr().err
+    assert main(["score", str(trained), str(good), "--skip-errors", "--strict"]) == EXIT_USAGE
 
 
 def test_debug_shows_the_exception(trained, tmp_path):
