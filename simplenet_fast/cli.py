@@ -629,9 +629,6 @@ def _print_score_summary(summary, args, thresholds) -> None:
            f"images/s{processes})"
            + (f"; {summary.resumed} kept from an earlier run" if summary.resumed else "")
            + (f"; {summary.errors} unreadable, skipped" if summary.errors else ""), **out)
-    if summary.dropped_lines:
-        _print(f"{summary.dropped_lines} damaged line(s) of the earlier run were dropped and "
-               "their images scored again", **out)
     if summary.errors and not args.errors:
         for path, reason in summary.first_errors:
             _print(f"  unreadable: {reason}" if path in reason else f"  unreadable: {path}: "

@@ -25,8 +25,9 @@ heatmap file that is gone means the image is redone); every other image is score
 images are not "done": they are retried. Lines of a part are `<json>\\t<crc32 of the json>\\n`;
 a line cut short by a kill, a full disk or a crash (no newline, a bad checksum, a bad field) is
 dropped and its image redone, with a warning that counts them. A run is bound to its model: the
-work folder records a fingerprint of the weights, config and thresholds, and resuming with
-another model is refused.
+work folder records a fingerprint of the weights, config and thresholds, and resuming it with
+another model is refused (a completed CSV carries no fingerprint: resuming from it, to score
+images added since, trusts that the same model is used).
 
 Work folder `<csv>.parts/` (beside the CSV: same filesystem, so the final rename is atomic; with
 several nodes it must be on a filesystem every node sees, which is checked):
@@ -60,13 +61,16 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 import uuid
+import warnings
 import zlib
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, TextIO, Union
+from typing import Any, Iterator, Optional, Sequence, TextIO, Union
 
 import numpy as np
 import torch
@@ -152,10 +156,11 @@ def session(device: Union[str, torch.device, None] = None,
       (nccl when `device` is CUDA, else gloo) and destroyed on exit.
     - Otherwise this is a single process (`World()`).
 
-    On the CPU with several ranks on one machine, each rank takes its share of the cores for
-    torch's (and the fused head's) threads, unless OMP_NUM_THREADS is set. torchrun sets
+    When it initialises the group on the CPU, each rank takes its share of the machine's cores
+    for torch's (and the fused head's) threads, unless OMP_NUM_THREADS is set. torchrun sets
     OMP_NUM_THREADS=1 itself when it starts more than one process per node and the variable is
-    unset: on a CPU machine, set it to cores / processes.
+    unset: on a CPU machine, set it to cores / processes. With a group of your own, set the
+    threads yourself (`torch.set_num_threads`).
     """
     import torch.distributed as dist
 
@@ -173,8 +178,7 @@ def session(device: Union[str, torch.device, None] = None,
         kind = World(local_rank=local_rank, size=size).device(device).type
         if kind == "cuda":
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", timeout=timeout,
-                                    device_id=torch.device("cuda", local_rank))
+            dist.init_process_group("nccl", timeout=timeout)
         else:
             dist.init_process_group("gloo", timeout=timeout)
         owned = True
@@ -187,7 +191,7 @@ def session(device: Union[str, torch.device, None] = None,
         world = World(rank=rank, size=size, local_rank=_env_int("LOCAL_RANK", 0),
                       local_size=_env_int("LOCAL_WORLD_SIZE", size), group=group,
                       timeout_s=float(timeout_s))
-        if world.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        if owned and world.device(device).type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
             cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
                 else (os.cpu_count() or 1)
             torch.set_num_threads(max(1, cores // max(1, world.local_size)))
@@ -322,10 +326,13 @@ def _digest(path: str) -> bytes:
     return hashlib.blake2b(path.encode("utf-8", "surrogateescape"), digest_size=16).digest()
 
 
-def _digests(paths: Iterable[str]) -> np.ndarray:
+def _digests(paths: Sequence[str]) -> np.ndarray:
     """128-bit digests as an `S16` array: 16 bytes per path, where a set of the strings would
     take ~10x more. Collisions are out of reach (2**-64 for 10**10 paths)."""
-    return np.frombuffer(b"".join(_digest(p) for p in paths), dtype="S16")
+    packed = bytearray(16 * len(paths))
+    for k, path in enumerate(paths):
+        packed[16 * k:16 * k + 16] = _digest(path)
+    return np.frombuffer(packed, dtype="S16")
 
 
 class _PathIndex:
@@ -351,13 +358,18 @@ class _PathIndex:
 
 def heatmap_names(paths: Sequence[str]) -> Iterator[str]:
     """Overlay file name per path, the same on every rank and run: `<stem>.png` when no other
-    input has that stem, else `<stem>_<12 hex digits of the path's digest>.png`."""
-    from collections import Counter
+    input has that stem, else `<stem>_<12 hex digits of the path's digest>.png`. Stems are
+    compared by 64-bit digest (8 bytes a path; a collision only gives a longer name)."""
+    def stem(path: str) -> str:
+        return os.path.splitext(os.path.basename(path))[0]
 
-    stems = Counter(Path(p).stem for p in paths)
-    for p in paths:
-        stem = Path(p).stem
-        yield f"{stem}.png" if stems[stem] == 1 else f"{stem}_{_digest(p).hex()[:12]}.png"
+    keys = np.fromiter((int.from_bytes(hashlib.blake2b(
+        stem(p).encode("utf-8", "surrogateescape"), digest_size=8).digest(), "little")
+        for p in paths), dtype=np.uint64, count=len(paths))
+    values, counts = np.unique(keys, return_counts=True)
+    shared = np.isin(keys, values[counts > 1])
+    for path, repeated in zip(paths, shared):
+        yield f"{stem(path)}_{_digest(path).hex()[:12]}.png" if repeated else f"{stem(path)}.png"
 
 
 # ---------------------------------------------------------------------------------- row files
@@ -432,8 +444,10 @@ class JobSummary:
     images: inputs; scored: rows in the CSV with a score (this run's and resumed ones);
     resumed: of those, carried over from earlier runs; errors: unreadable images (retried by a
     resume); anomalous: scored images labelled anomalous (None without an image threshold);
-    seconds / images_per_s: this run's scoring, over all ranks; highest: (score, path) of the
-    most anomalous image; first_errors: up to five (path, reason) pairs.
+    seconds: this run, from listing the inputs to the CSV in place; images_per_s: the images
+    this run read (scored or found unreadable) over `seconds`; highest: (score, path) of the
+    most anomalous image; first_errors: up to five (path, reason) pairs; dropped_lines: damaged
+    lines of an earlier run whose images were scored again.
     """
 
     csv: Optional[str]
@@ -538,22 +552,11 @@ def score_files(model: Any, inputs: Union[PathLike, Sequence[PathLike]],
         if stream is None and csv_path is not None:
             return _run(model, world, inputs, recursive, Path(os.fspath(csv_path)), None,
                         resume, errors, error_rows, options)
-        with _temporary_folder() as folder:
-            summary = _run(model, world, inputs, recursive, folder / "scores.csv", stream, False,
-                           errors, error_rows, options)
+        with tempfile.TemporaryDirectory(prefix="simplenet-fast-") as folder:
+            summary = _run(model, world, inputs, recursive, Path(folder) / "scores.csv", stream,
+                           False, errors, error_rows, options)
         summary.csv = None
         return summary
-
-
-@contextlib.contextmanager
-def _temporary_folder() -> Iterator[Path]:
-    import tempfile
-
-    folder = Path(tempfile.mkdtemp(prefix="simplenet-fast-"))
-    try:
-        yield folder
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(model, world: World, inputs, recursive: bool, out: Path, stream: Optional[TextIO],
@@ -562,10 +565,12 @@ def _run(model, world: World, inputs, recursive: bool, out: Path, stream: Option
     work = out.with_name(out.name + _WORK_SUFFIX)
     columns = ["path", "score", "label", "normalized_score"] \
         + (["heatmap"] if options.heatmaps is not None else []) + (["error"] if error_rows else [])
+    start = time.perf_counter()
     setup: Any = None
     if world.is_main:
         try:
-            setup = _prepare(model, world, inputs, recursive, out, work, resume, columns, options)
+            setup = _prepare(model, world, inputs, recursive, out, work, resume, errors, columns,
+                             options)
         except Exception as error:  # noqa: BLE001 - told to the other ranks, then raised here
             _broadcast(world, {"error": f"rank 0 could not set the job up: {error}"},
                        "setting the job up")
@@ -580,18 +585,16 @@ def _run(model, world: World, inputs, recursive: bool, out: Path, stream: Option
         raise world.fail(f"rank(s) {blind} cannot see the job's work folder {work}: with several "
                          "nodes, the CSV (and heatmaps) must be on a filesystem every node sees")
 
-    start = time.perf_counter()
     part = work / f"rank-{setup['run']}-{world.rank}.jsonl"
     rows = _score_share(model, world, todo, part, setup["assigned"][world.rank], options)
     _write_atomic(part.with_suffix(".done"), json.dumps({"rows": rows}).encode())
     _barrier(world, "waiting for every rank to finish its share")
-    seconds = time.perf_counter() - start
 
     summary: Any = None
     if world.is_main:
         try:
-            summary = _assemble(work, setup, world, out, stream, errors, columns, error_rows,
-                                seconds)
+            summary = _assemble(work, setup, world, out, stream, errors, columns, error_rows)
+            summary.seconds = time.perf_counter() - start
         except Exception as error:  # noqa: BLE001 - told to the other ranks, then raised here
             _broadcast(world, {"error": f"rank 0 could not assemble the CSV: {error}"},
                        "assembling the CSV")
@@ -604,10 +607,11 @@ def _run(model, world: World, inputs, recursive: bool, out: Path, stream: Option
 
 # ---------------------------------------------------------------------------------- rank 0: setup
 def _prepare(model, world: World, inputs, recursive: bool, out: Path, work: Path, resume: bool,
-             columns: list[str], options: _Options) -> dict:
+             errors: Optional[PathLike], columns: list[str], options: _Options) -> dict:
     """List the inputs, keep what an earlier run did (resume), write each rank's list."""
-    if not out.parent.is_dir():
-        raise FileNotFoundError(f"folder {str(out.parent)!r} of the CSV does not exist")
+    for what, path in (("the CSV", out), ("the errors file", errors)):
+        if path is not None and not Path(path).parent.is_dir():
+            raise FileNotFoundError(f"folder {str(Path(path).parent)!r} of {what} does not exist")
     paths = list_inputs(inputs, recursive)
     fingerprint = _fingerprint(model)
     run = uuid.uuid4().hex[:12]
@@ -623,8 +627,8 @@ def _prepare(model, world: World, inputs, recursive: bool, out: Path, work: Path
                              "over")
     if not resume:
         if work.exists():
-            print(f"simplenet-fast: discarding the partial results of an earlier run in {work} "
-                  "(pass --resume to keep them)", file=sys.stderr)
+            warnings.warn(f"discarding the partial results of an earlier run in {work} (pass "
+                          "--resume, resume=True, to keep them)")
         shutil.rmtree(work, ignore_errors=True)
         out.unlink(missing_ok=True)
     work.mkdir(exist_ok=True)
@@ -635,24 +639,21 @@ def _prepare(model, world: World, inputs, recursive: bool, out: Path, work: Path
     _write_atomic(earlier_job, json.dumps({"version": _JOB_VERSION, "fingerprint": fingerprint,
                                            "columns": columns}).encode())
 
-    index = _PathIndex(paths)
-    earlier = sorted(p for p in work.iterdir() if p.suffix == ".jsonl"
-                     and p.name.startswith(("rank-", "carried-")))
     done, dropped = np.zeros(len(paths), dtype=bool), 0
     carried = work / f"carried-{run}.jsonl"
     if resume:
-        sources = list(earlier)
+        sources = sorted(p for p in work.iterdir() if p.suffix == ".jsonl"
+                         and p.name.startswith(("rank-", "carried-")))
         if out.is_file():
             imported = work / f"imported-{run}.jsonl"
             _import_csv(out, imported)
             sources.insert(0, imported)
-        dropped = _carry(sources, index, options.heatmaps, carried, done)
+        dropped = _carry(sources, _PathIndex(paths), options.heatmaps, carried, done)
         for old in work.iterdir():  # earlier runs' parts, lists, markers, temporary files
             if old.name not in (_JOB_FILE, carried.name):
                 old.unlink()
     else:
         _write_atomic(carried, b"")
-    del index
 
     assigned = [0] * world.size
     names = heatmap_names(paths) if options.heatmaps is not None else None
@@ -678,7 +679,8 @@ def _prepare(model, world: World, inputs, recursive: bool, out: Path, work: Path
 
 
 def _import_csv(csv_file: Path, out: Path) -> None:
-    """A completed CSV's rows in the row-file format (index -1: placed again by `_carry`)."""
+    """A completed CSV's scored rows in the row-file format (index 0: `_carry` places rows by
+    their path)."""
     with open(csv_file, newline="", encoding="utf-8", errors="surrogateescape") as f, \
             open(out, "wb") as sink:
         for row in csv.DictReader(f):
@@ -699,13 +701,15 @@ def _import_csv(csv_file: Path, out: Path) -> None:
 def _carry(sources: list[Path], index: _PathIndex, heatmaps: Optional[Path], carried: Path,
            done: np.ndarray) -> int:
     """Write the rows of `sources` worth keeping to `carried`, in input order, and mark them in
-    `done`; returns how many damaged lines were dropped. Memory: 24 bytes per kept row (its
+    `done`; returns how many damaged lines were dropped. Memory: 20 bytes per kept row (its
     index, source and offset); the rows themselves are read again from their files."""
-    keep_index, keep_source, keep_offset = [], [], []
+    keep_index, keep_source, keep_offset = array("q"), array("i"), array("q")
     dropped = 0
     chunk: list[tuple[int, int, dict]] = []
 
     def flush():
+        if not chunk:
+            return
         found = index.lookup([row["path"] for _, _, row in chunk])
         for (s, offset, row), i in zip(chunk, found):
             if i < 0 or done[i] or row["error"]:
@@ -728,9 +732,9 @@ def _carry(sources: list[Path], index: _PathIndex, heatmaps: Optional[Path], car
                 flush()
     flush()
     if dropped:
-        print(f"simplenet-fast: {dropped} damaged line(s) in the partial results (cut short by "
-              "the interruption); their images are scored again", file=sys.stderr)
-    order = np.argsort(np.asarray(keep_index, dtype=np.int64), kind="stable")
+        warnings.warn(f"{dropped} damaged line(s) in the partial results (cut short by the "
+                      "interruption?) were dropped; their images are scored again")
+    order = np.argsort(np.array(keep_index, dtype=np.int64), kind="stable")
     handles = [open(p, "rb") for p in sources]
     tmp = carried.with_name(carried.name + ".tmp")
     try:
@@ -889,8 +893,7 @@ def write_overlay(path: Path, crop: np.ndarray, amap: np.ndarray, mask: Optional
 
 # ---------------------------------------------------------------------------------- rank 0: merge
 def _assemble(work: Path, setup: dict, world: World, out: Path, stream: Optional[TextIO],
-              errors: Optional[PathLike], columns: list[str], error_rows: bool,
-              seconds: float) -> JobSummary:
+              errors: Optional[PathLike], columns: list[str], error_rows: bool) -> JobSummary:
     """Merge the carried rows and every rank's part into the CSV (and the errors file), checking
     that every input appears exactly once; then remove the work folder."""
     run = setup["run"]
@@ -915,7 +918,7 @@ def _assemble(work: Path, setup: dict, world: World, out: Path, stream: Optional
 
     summary = JobSummary(csv=str(out), images=setup["images"],
                          scored=0, resumed=setup["resumed"], errors=0, anomalous=None,
-                         seconds=seconds, world_size=world.size,
+                         seconds=0.0, world_size=world.size,
                          dropped_lines=setup["dropped"])
     tmp = out.with_name(f"{out.name}.tmp-{run}")
     error_file = None if errors is None else Path(errors)

@@ -141,6 +141,30 @@ def test_list_inputs_keeps_input_order_and_drops_repeats(tmp_path):
         list_inputs(tmp_path / "missing.png")
 
 
+def test_image_paths_follow_pathlib_order_on_a_random_tree(tmp_path):
+    """The lean listing (strings, one folder at a time) must keep `image_files`' order, which
+    compares paths component by component ("a/b/c.png" before "a/b-c.png")."""
+    from simplenet_fast.preprocess import image_files, image_paths
+
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"random seed {seed}")
+    rng = random.Random(seed)
+    names = ["a", "b", "b-c", "b.d", "B", "a b", "z", "\u00e4", "b0"]
+    (tmp_path / "b.png").write_bytes(b"x")
+    for _ in range(80):
+        folder = tmp_path.joinpath(*(rng.choice(names) for _ in range(rng.randint(0, 3))))
+        if folder.exists() and not folder.is_dir():
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        file = folder / (rng.choice(names) + rng.choice([".png", ".PNG", ".txt"]))
+        if not file.exists():
+            file.write_bytes(b"x")
+    for recursive in (False, True):
+        listed = image_paths(tmp_path, recursive=recursive)
+        assert listed == [str(p) for p in image_files(tmp_path, recursive=recursive)]
+        assert all(isinstance(p, str) for p in listed)
+
+
 def test_heatmap_names_are_unique_and_do_not_depend_on_order():
     paths = ["a/x.png", "b/x.png", "b/y.png", "c/x.jpg"]
     names = list(heatmap_names(paths))
@@ -197,7 +221,8 @@ def test_resume_keeps_good_rows_and_redoes_damaged_ones(job, tmp_path):
     out = tmp_path / "s.csv"
     keep = 12
     rows = _interrupted_state(job, out, keep, fake_score="1234.5")
-    summary = score_files(str(job["model"]), job["images"], out, resume=True, batch_size=4)
+    with pytest.warns(UserWarning, match="2 damaged line"):
+        summary = score_files(str(job["model"]), job["images"], out, resume=True, batch_size=4)
     assert summary.dropped_lines == 2  # the checksum mismatch and the cut-short line
     assert summary.resumed == keep - 1 and summary.scored == N_IMAGES and summary.errors == 1
     got = _rows(out.read_text())
@@ -233,8 +258,9 @@ def test_resume_refuses_partial_results_of_another_model(job, tmp_path):
     _tiny_model(seed=1).save(other)
     with pytest.raises(ValueError, match="another model"):
         score_files(str(other), job["images"], out, resume=True)
-    # Without --resume the earlier results are discarded (said on stderr) and all is redone.
-    score_files(str(job["model"]), job["images"], out, batch_size=8)
+    # Without --resume the earlier results are discarded, with a warning, and all is redone.
+    with pytest.warns(UserWarning, match="discarding the partial results"):
+        score_files(str(job["model"]), job["images"], out, batch_size=8)
     assert out.read_text() == job["csv"]
 
 
@@ -445,6 +471,20 @@ def test_torchrun_eval_gives_the_one_process_metrics(job, tmp_path):
     for key in ("dataset", "n_test", "image_auroc", "pixel_auroc", "aupro"):
         assert a[key] == b[key], key
     assert one.returncode == two.returncode == 0
+
+
+@pytest.mark.slow
+def test_peak_memory_of_a_job_does_not_follow_the_number_of_images(tmp_path):
+    """Fresh interpreters (bench/bench_scale.py): 20x more images add no more than the listing of
+    their paths; holding each image's crop or map (>= 7 KB each here) would add > 25 MiB."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_scale", ROOT / "bench" / "bench_scale.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    few, many = bench.memory_table(tmp_path, [200, 4000], batch_size=16)
+    print(json.dumps({"few": few, "many": many}))
+    assert many["peak_added_mib"] < few["peak_added_mib"] + 8, (few, many)
 
 
 def test_other_commands_refuse_to_run_under_torchrun(monkeypatch, capsys):
