@@ -89,7 +89,8 @@ def _common_options() -> argparse.ArgumentParser:
     g = p.add_argument_group("general")
     g.add_argument("--device", default="auto",
                    help="where to compute: auto (CUDA when available, else the CPU), cpu, cuda or "
-                        "cuda:N (default: auto)")
+                        "cuda:N (default: auto); under torchrun, auto and cuda mean "
+                        "cuda:LOCAL_RANK")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true",
                    help="on errors, show the full Python traceback instead of one line")
