@@ -25,21 +25,29 @@ import pytest
 import torch
 from PIL import Image
 
+import simplenet_fast
 from simplenet_fast import SimpleNet
 from simplenet_fast.distributed import (JobError, UnreadableImageError, _decode, _encode,
                                         _fingerprint, format_score, heatmap_names, list_inputs,
                                         score_files)
 
 N_IMAGES = 40
-ROOT = Path(__file__).resolve().parent.parent
+# The folder holding the simplenet_fast these tests import: the installed package after `pip
+# install .`, the source tree in a development build. Child processes run from there and with it
+# on PYTHONPATH, so that they import that same package (`python -m` puts its working directory
+# first on sys.path): a clean clone has no compiled extension in its source tree, and a child
+# importing it would silently score through the reference head instead.
+PACKAGE_HOME = Path(simplenet_fast.__file__).resolve().parent.parent
 
 
-def _env(threads: int = 1) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    return env
+def _proc(threads: int = 1, **extra_env: str) -> dict:
+    """subprocess keyword arguments for a child process of these tests."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", **extra_env,
+               PYTHONPATH=os.pathsep.join([str(PACKAGE_HOME), os.environ.get("PYTHONPATH", "")]))
+    for name in ("RANK", "WORLD_SIZE"):
+        if name not in extra_env:
+            env.pop(name, None)
+    return {"env": env, "cwd": PACKAGE_HOME}
 
 
 def _tiny_model(seed: int = 0) -> SimpleNet:
@@ -295,12 +303,11 @@ def _descendants(pid: int) -> list[int]:
     return out
 
 
-def _kill_at_random_point(command: list[str], work: Path, rng: random.Random,
-                          env: dict) -> int:
+def _kill_at_random_point(command: list[str], work: Path, rng: random.Random) -> int:
     """Start `command`, SIGKILL it and every process it started once its parts hold a random
     number of rows; returns that number (0: the job finished first)."""
     target = rng.randrange(1, N_IMAGES)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(command, **_proc(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240
     try:
@@ -335,6 +342,18 @@ def _score_args(job, out: Path, *extra: str) -> list[str]:
             "--batch-size", "2", *extra]
 
 
+def test_child_processes_import_the_package_under_test():
+    """Otherwise a child may import another copy (the source tree of a clone, without the compiled
+    extension) and the bit-for-bit comparisons below would test the wrong thing."""
+    child = subprocess.run(
+        [sys.executable, "-c", "import simplenet_fast, simplenet_fast._native as n; "
+         "print(simplenet_fast.__file__); print(n.native() is not None)"],
+        **_proc(), capture_output=True, text=True, timeout=60, check=True).stdout.split()
+    assert Path(child[0]) == Path(simplenet_fast.__file__).resolve()
+    from simplenet_fast._native import native
+    assert child[1] == str(native() is not None)
+
+
 def _check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     return result
@@ -351,10 +370,10 @@ def test_sigkill_at_a_random_point_then_resume_loses_nothing(job, tmp_path, proc
         command = [sys.executable, "-m", "simplenet_fast", *_score_args(job, out)]
     else:
         command = _torchrun(2, *_score_args(job, out))
-    killed_at = _kill_at_random_point(command, _work(out), rng, _env())
+    killed_at = _kill_at_random_point(command, _work(out), rng)
     if killed_at:
         assert not out.exists()  # never a partial CSV
-    _check(subprocess.run(command + ["--resume"], env=_env(), capture_output=True, text=True,
+    _check(subprocess.run(command + ["--resume"], **_proc(), capture_output=True, text=True,
                           timeout=240))
     assert out.read_text() == job["csv"]  # every image exactly once, the same bits
     assert not _work(out).exists()
@@ -366,10 +385,10 @@ def test_torchrun_two_processes_give_the_one_process_csv_and_heatmaps(job, tmp_p
     errors = tmp_path / "errors.csv"
     _check(subprocess.run([sys.executable, "-m", "simplenet_fast",
                            *_score_args(job, one, "--heatmaps", str(tmp_path / "h1"))],
-                          env=_env(threads=2), capture_output=True, text=True, timeout=240))
+                          **_proc(threads=2), capture_output=True, text=True, timeout=240))
     result = _check(subprocess.run(
         _torchrun(2, *_score_args(job, two, "--heatmaps", str(tmp_path / "h2"), "--errors",
-                                  str(errors))), env=_env(), capture_output=True, text=True,
+                                  str(errors))), **_proc(), capture_output=True, text=True,
         timeout=240))
     assert "2 processes" in result.stdout and result.stdout.count("wrote") == 2  # rank 0 only
     assert one.read_text().replace("/h1/", "/h2/") == two.read_text()
@@ -416,11 +435,11 @@ def test_a_dying_rank_fails_the_job_at_once_without_a_csv_and_resume_completes_i
         port = s.getsockname()[1]
     workers = []
     for rank in range(2):
-        env = dict(_env(), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank),
-                   LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        proc = _proc(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         workers.append(subprocess.Popen(
             [sys.executable, str(script), str(job["model"]), str(job["images"]), str(out),
-             str(marker)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+             str(marker)], **proc, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     start = time.monotonic()
     results = [w.communicate(timeout=240) for w in workers]
     assert time.monotonic() - start < 100  # far below the 120 s timeout: noticed at once
@@ -430,7 +449,7 @@ def test_a_dying_rank_fails_the_job_at_once_without_a_csv_and_resume_completes_i
     assert not out.exists()
     # The same command again (resume=True) finishes the job: rank 1 no longer dies.
     _check(subprocess.run([sys.executable, str(script), str(job["model"]), str(job["images"]),
-                           str(out), str(marker)], env=_env(), capture_output=True, text=True,
+                           str(out), str(marker)], **_proc(), capture_output=True, text=True,
                           timeout=240))
     assert out.read_text() == job["csv"]
 
@@ -443,13 +462,13 @@ def test_torchrun_elastic_restart_resumes_after_a_rank_dies(job, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", "2", "--max-restarts", "1", str(script), str(job["model"]),
                str(job["images"]), str(out), str(marker)]
-    _check(subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240))
+    _check(subprocess.run(command, **_proc(), capture_output=True, text=True, timeout=240))
     assert marker.exists() and out.read_text() == job["csv"]
     # Without a restart to fall back on, the job fails as a whole and writes no CSV.
     out.unlink()
     marker.unlink()
     command[command.index("--max-restarts") + 1] = "0"
-    result = subprocess.run(command, env=_env(), capture_output=True, text=True, timeout=240)
+    result = subprocess.run(command, **_proc(), capture_output=True, text=True, timeout=240)
     assert result.returncode != 0 and marker.exists() and not out.exists()
 
 
@@ -461,10 +480,10 @@ def test_torchrun_eval_gives_the_one_process_metrics(job, tmp_path):
     args = ["eval", str(category), "--model", str(job["model"]), "--quiet", "--score-batch-size",
             "2"]
     one = _check(subprocess.run([sys.executable, "-m", "simplenet_fast", *args, "--csv",
-                                 str(tmp_path / "one.csv")], env=_env(threads=2),
+                                 str(tmp_path / "one.csv")], **_proc(threads=2),
                                 capture_output=True, text=True, timeout=240))
     two = _check(subprocess.run(_torchrun(2, *args, "--csv", str(tmp_path / "two.csv")),
-                                env=_env(), capture_output=True, text=True, timeout=240))
+                                **_proc(), capture_output=True, text=True, timeout=240))
     assert two.stdout.count("image AUROC") == 1  # one table, from rank 0
     (a,), (b,) = _rows((tmp_path / "one.csv").read_text()), _rows((tmp_path / "two.csv").read_text())
     assert a["pixel_auroc"] != ""  # masks exist: the maps were gathered too
