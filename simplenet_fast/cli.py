@@ -947,7 +947,7 @@ def cmd_demo(args) -> int:
             save_overlay(path, test[i], result.anomaly_map[i].float().cpu().numpy(), mask=mask,
                          vmin=vmin, vmax=vmax, side_by_side=True)
             written.append(path)
-    with open(out / "scores.csv", "w", newline="") as f:
+    with atomic_open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["test_index", "elpv_row", "label", "score", "pred_label"])
         for i in order:
