@@ -131,9 +131,10 @@ class Placement:
         Each image pixel samples the model map bilinearly at the point its centre lands on
         (torch's `align_corners=False` rule, edges clamped): for "whole" this is
         `F.interpolate(map, (h, w), mode="bilinear")`. Only the real part of the model map is
-        read, so padding never reaches an image pixel. A pixel is scored when its centre lands
-        inside the real part of the input; in "crop" mode the border the crop cut off is not.
-        Unscored pixels are 0 here (see `fill_unscored`).
+        read, so padding never reaches an image pixel. A pixel is scored when it overlaps the
+        real part of the input (so at least one pixel per axis is, however thin a crop's share
+        of a long strip); in "crop" mode the border the crop cut off is not. Unscored pixels are
+        0 here (see `fill_unscored`).
         """
         rows, scored_rows = _axis_to_image(self.original[0], self.resized[0], self.offset[0],
                                            self.real[0], model_map.device, model_map.dtype)
@@ -147,14 +148,16 @@ class Placement:
 def _axis_matrix(length: int, resized: int, offset: int, real: int) -> tuple[Tensor, Tensor]:
     """[length, real] float64 bilinear sampling matrix of one axis, and the scored pixels [length].
 
-    Pixel y of the image has its centre at input coordinate `(y + 0.5) * resized / length -
-    offset` (in pixel widths; PIL and torch map centres this way); it is scored when that lies in
-    [0, real]. Sampling follows torch's align_corners=False rule: source index u = coordinate -
-    0.5, clamped at 0; i0 = floor(u) <= real - 1, i1 = min(i0 + 1, real - 1).
+    Pixel y of the image spans input coordinates `[y, y + 1) * resized / length - offset` (in
+    pixel widths; PIL and torch map pixels this way) and its centre lies at the middle; it is
+    scored when its span overlaps [0, real]. Sampling follows torch's align_corners=False rule:
+    source index u = centre - 0.5, clamped at 0; i0 = floor(u) <= real - 1, i1 = min(i0 + 1,
+    real - 1).
     """
     y = torch.arange(length, dtype=torch.float64)
-    position = (y + 0.5) * (resized / length) - offset
-    scored = (position >= 0) & (position <= real)
+    scale = resized / length
+    position = (y + 0.5) * scale - offset
+    scored = ((y + 1) * scale - offset > 0) & (y * scale - offset < real)
     u = (position - 0.5).clamp(min=0.0)
     i0 = u.floor().to(torch.int64).clamp(max=real - 1)
     i1 = (i0 + 1).clamp(max=real - 1)

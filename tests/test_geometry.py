@@ -204,3 +204,13 @@ def test_window_placement_keeps_the_tile_scale():
 def test_bad_geometry_is_refused_clearly(kwargs, message):
     with pytest.raises(ValueError, match=message):
         InputGeometry(**kwargs)
+
+
+def test_a_crop_thinner_than_a_pixel_still_scores_the_pixel_it_lies_in():
+    """A 1 x 3000 strip in crop mode: the crop covers about half of one original column; that
+    column is scored (the rule is overlap, not the pixel centre)."""
+    placement = InputGeometry((40, 24), "crop").place(1, 3000)
+    image_map, rows, cols = placement.to_image(torch.rand(40, 24) + 1)
+    assert int(rows.sum()) == 1 and 1 <= int(cols.sum()) <= 2
+    filled, scored = fill_unscored(image_map, rows, cols)
+    assert bool(scored.any()) and float(filled.min()) >= 1.0
