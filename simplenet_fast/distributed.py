@@ -774,20 +774,12 @@ def _decoded_batches(items: Iterator[dict], batch_size: int, model, workers: int
     """Batches of (item, `PreparedImage` or None, error or None); the next batch decodes in
     threads while the caller scores this one, so at most two batches of images are held.
     `keep_image` keeps each decoded original, for overlays on the whole image."""
-    def chunks():
-        batch = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+    from .preprocess import batched
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         def submit(batch):
             return [(it, pool.submit(_prepare_image, model, it["path"], keep_image)) for it in batch]
-        upcoming = chunks()
+        upcoming = batched(items, batch_size)
         pending = submit(next(upcoming, []))
         while pending:
             current, pending = pending, submit(next(upcoming, []))

@@ -16,7 +16,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +28,8 @@ from .geometry import (InputGeometry, Placement, Tiling, fill_unscored, mask_pad
                        mask_padding, real_pixel_mask, zero_padding)
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map, check_sigma
-from .preprocess import (PreparedImage, decode, decoded_window, image_header_size, iter_prepared,
-                         iter_sources, model_input, normalise, prepare_image)
+from .preprocess import (PreparedImage, batched, decode, decoded_window, image_header_size,
+                         iter_prepared, iter_sources, model_input, normalise, prepare_image)
 
 FORMAT = "simplenet_fast"
 # 2: image_size stored as [H, W], plus resize_mode, tiling and epochs. Version 1 files (a square
@@ -389,7 +389,7 @@ class SimpleNet(nn.Module):
                                 scored)
         with torch.inference_mode():
             outputs = []
-            for chunk in _chunks(iter_prepared(images, self.geometry), batch_size):
+            for chunk in batched(iter_prepared(images, self.geometry), batch_size):
                 placements = [p.placement for p in chunk]
                 patch_scores, pred_score, amap = run([p.input for p in chunk], placements)
                 if map_size == "input":
@@ -1083,17 +1083,6 @@ def _check_real_size(real_size: Any, batch: int, image_size: tuple[int, int]) ->
         raise ValueError(f"real_size entries must lie in 1..{list(image_size)}, got "
                          f"{real.tolist()}")
     return real
-
-
-def _chunks(items: Iterable, size: int) -> Iterator[list]:
-    chunk: list = []
-    for item in items:
-        chunk.append(item)
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
 
 
 def _gather_maps(pairs: list[tuple[Tensor, Optional[Tensor]]]) -> tuple[Maps, Optional[Maps]]:

@@ -475,6 +475,18 @@ def _walk(images: Any, what: str, top: bool = False) -> Iterator[tuple[str, Imag
         raise TypeError(f"{what}: expected {_EXPECTED}; got {type(images).__name__}")
 
 
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last may be shorter), drawn lazily."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def iter_prepared(images: Any, geometry: InputGeometry, keep_image: bool = False
                   ) -> Iterator[PreparedImage]:
     """`prepare_image` of every image of `images`, lazily: one image decoded at a time."""
@@ -512,5 +524,6 @@ def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 
 __all__ = ["preprocess_image", "prepare_image", "PreparedImage", "decode", "model_input",
-           "image_header_size", "iter_sources", "iter_prepared", "iter_batches", "image_files",
+           "image_header_size", "iter_sources", "iter_prepared", "iter_batches", "batched",
+           "image_files",
            "image_paths", "normalise", "resized_size", "crop_offset", "IMAGE_EXTENSIONS"]
