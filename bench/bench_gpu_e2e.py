@@ -146,7 +146,7 @@ def official_style(model: SimpleNet, images, batch_size: int):
     """The paper code's inference, dead work included (float32, eager): see the module docstring."""
     from scipy import ndimage
 
-    size = (model.image_size, model.image_size)
+    size = model.image_size
     scores_out, maps_out = [], []
     with torch.inference_mode():
         for batch in iter_batches(images, batch_size, model.image_size, model.resize):

@@ -142,15 +142,11 @@ def scaling_table(folder: Path, images: int, repeats: int) -> dict:
     import torch
 
     from simplenet_fast import SimpleNet
-    from simplenet_fast.cli import BACKBONE_DEFAULTS
 
-    lite = BACKBONE_DEFAULTS["efficientnet_lite0"]
     write_images(folder / "grey300", images, 300, grey=True)
     model = folder / "lite0.pt"
     torch.manual_seed(0)
-    SimpleNet("efficientnet_lite0", weights=None, image_size=lite["image_size"],
-              resize=lite["image_size"], pretrain_embed_dim=lite["pretrain_embed_dim"],
-              target_embed_dim=lite["target_embed_dim"], hidden=lite["hidden"]).save(model)
+    SimpleNet("efficientnet_lite0", weights=None).save(model)  # its declared defaults
     runs = []
     for _ in range(repeats):
         for processes in (1, 2):

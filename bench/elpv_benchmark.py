@@ -28,7 +28,7 @@ the cheapest training wins. `--out` is rewritten after every run, so a stopped s
 rows, and `--merge` redoes the choice over the rows of several staged searches.
 
 Costs kept low: crops and backbone features of every cell of a type are computed once per
-geometry (image size, resize) and shared by every config, seed and both scoring paths; `fit`'s
+geometry (image size, resize mode) and shared by every config, seed and both scoring paths; `fit`'s
 own per-fit embedding cache is filled from them (checked against `fit`'s own embedding on one
 batch). Scoring from cached features is `_device_forward` without the backbone:
 `head.patch_scores(...).amax((1, 2))`.
@@ -58,7 +58,7 @@ import numpy as np
 import torch
 from simplenet_fast import SimpleNet
 from simplenet_fast.backbones import build_backbone
-from simplenet_fast.cli import BACKBONE_DEFAULTS
+from simplenet_fast.backbones import default_config
 from simplenet_fast.data import _elpv_dataset, elpv_split
 from simplenet_fast.metrics import image_auroc
 from simplenet_fast.preprocess import normalise, preprocess_image
@@ -75,27 +75,27 @@ TRAIN_BATCH = 8            # fit's batch size, the paper's
 SCORE_BATCH = 16
 
 
-# The configuration chosen on validation data (bench/RESULTS.md, "Accuracy on ELPV") is the CLI's
-# default for this backbone; the defaults below read it from there, so the two cannot drift.
-CHOSEN = BACKBONE_DEFAULTS["efficientnet_lite0"]
-PAPER_RESIZE_RATIO = BACKBONE_DEFAULTS["wide_resnet50_2"]["resize_ratio"]  # 329 / 288, SPEC 1.1
+# The configuration chosen on validation data (bench/RESULTS.md, "Accuracy on ELPV") is the
+# library's declared default for this backbone; the defaults below read it from there, so the two
+# cannot drift.
+CHOSEN = default_config("efficientnet_lite0")
 
 
 @dataclass(frozen=True)
 class Config:
-    image_size: int = CHOSEN["image_size"]
-    embed_dim: int = CHOSEN["target_embed_dim"]  # pretrain_embed_dim = embed_dim unless given
-    pretrain_dim: int = 0                        # 0: same as embed_dim
-    hidden: int = CHOSEN["hidden"]
-    noise_std: float = CHOSEN["noise_std"]
-    epochs: int = CHOSEN["epochs"]
+    image_size: int = CHOSEN.image_size[0]  # square: ELPV cells are 300x300
+    embed_dim: int = CHOSEN.target_embed_dim  # pretrain_embed_dim = embed_dim unless given
+    pretrain_dim: int = 0                     # 0: same as embed_dim
+    hidden: int = CHOSEN.hidden
+    noise_std: float = CHOSEN.noise_std
+    epochs: int = CHOSEN.epochs
     # True: the paper's centre crop of the cell resized by 329/288; False: the whole cell resized
     # to image_size (no border cut off)
-    crop: bool = CHOSEN["resize_ratio"] != 1
+    crop: bool = CHOSEN.resize_mode == "crop"
 
     @property
-    def resize(self) -> int:
-        return round(self.image_size * (PAPER_RESIZE_RATIO if self.crop else 1))
+    def resize_mode(self) -> str:
+        return "crop" if self.crop else "whole"
 
     @property
     def pretrain(self) -> int:
@@ -109,11 +109,11 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------- data
-def backbone_features(raw: np.ndarray, image_size: int, resize: int, backbone
+def backbone_features(raw: np.ndarray, image_size: int, resize_mode: str, backbone
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
     """(crops, layer-2 features, layer-3 features, preprocessing s, backbone s) of grey cells."""
     start = time.perf_counter()
-    crops = torch.stack([preprocess_image(a, image_size, resize) for a in raw])
+    crops = torch.stack([preprocess_image(a, image_size, resize_mode=resize_mode) for a in raw])
     preprocess_s = time.perf_counter() - start
     mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std).view(1, 3, 1, 1)
@@ -134,7 +134,7 @@ class CellFeatures:
     """Crops and frozen-backbone features of every cell of one type at one geometry, and of a
     synthetic-defect copy of every normal cell of that type (validation only)."""
 
-    def __init__(self, cell_type: str, image_size: int, resize: int, backbone, log=print,
+    def __init__(self, cell_type: str, image_size: int, resize_mode: str, backbone, log=print,
                  synthetic: bool = False):
         images, probs, types = _elpv_dataset()
         self.cell_type, self.image_size = cell_type, image_size
@@ -143,8 +143,8 @@ class CellFeatures:
         self.probs = probs[self.rows]
         self.raw = images[self.rows]  # 300x300 uint8 grey, read-only
         self.crops, self.f2, self.f3, self.preprocess_s, self.backbone_s = backbone_features(
-            self.raw, image_size, resize, backbone)
-        log(f"  features {cell_type} {image_size}px (resize {resize}): {len(self.rows)} cells, "
+            self.raw, image_size, resize_mode, backbone)
+        log(f"  features {cell_type} {image_size}px ({resize_mode}): {len(self.rows)} cells, "
             f"preprocessing {1e3 * self.preprocess_s / len(self.rows):.2f} ms/img, backbone "
             f"{1e3 * self.backbone_s / len(self.rows):.2f} ms/img (batch {FEATURE_BATCH})")
         if synthetic:
@@ -153,7 +153,7 @@ class CellFeatures:
             copies = defective_copies(self.raw[self.index(normal).numpy()],
                                          SYNTHETIC_SEED + CELL_TYPES.index(cell_type))
             _, self.synthetic_f2, self.synthetic_f3, _, _ = backbone_features(
-                copies, image_size, resize, backbone)
+                copies, image_size, resize_mode, backbone)
 
     def index(self, rows) -> torch.Tensor:
         return torch.tensor([self.position[int(r)] for r in rows], dtype=torch.long)
@@ -202,7 +202,7 @@ def validation_split(features: CellFeatures, train_rows: np.ndarray) -> tuple[np
 
 # ---------------------------------------------------------------------------------- model
 def make_model(cfg: Config, backbone) -> SimpleNet:
-    return SimpleNet(backbone=backbone, image_size=cfg.image_size, resize=cfg.resize,
+    return SimpleNet(backbone=backbone, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                      pretrain_embed_dim=cfg.pretrain, target_embed_dim=cfg.embed_dim,
                      hidden=cfg.hidden, noise_std=cfg.noise_std)
 
@@ -292,7 +292,7 @@ class Features:
         self.held: dict = {}
 
     def get(self, cell_type: str, cfg: Config) -> CellFeatures:
-        geometry = (cfg.image_size, cfg.resize)
+        geometry = (cfg.image_size, cfg.resize_mode)
         if (cell_type, geometry) not in self.held:
             for k in [k for k in self.held if k[1] != geometry]:
                 del self.held[k]

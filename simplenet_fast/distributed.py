@@ -82,7 +82,6 @@ FSYNC_SECONDS = 10.0      # a power loss loses at most this much of a rank's wor
 _WORK_SUFFIX = ".parts"
 _JOB_FILE = "job.json"
 _JOB_VERSION = 1
-_HEATMAP_TMP = ".simplenet-tmp-"  # prefix of overlays being written (hidden: never listed as inputs)
 _WARN_ERRORS = 5          # unreadable images named on stderr before "... and N more"
 
 __all__ = ["score_files", "JobSummary", "JobError", "UnreadableImageError", "World", "session",
@@ -489,7 +488,7 @@ def _fingerprint(model) -> str:
         h.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     thresholds = current_thresholds(model)
-    h.update(json.dumps([model.config(), vars(thresholds)], sort_keys=True,
+    h.update(json.dumps([model.config, vars(thresholds)], sort_keys=True,
                         default=str).encode())
     return h.hexdigest()
 
@@ -634,7 +633,8 @@ def _prepare(model, world: World, inputs, recursive: bool, out: Path, work: Path
     work.mkdir(exist_ok=True)
     if options.heatmaps is not None:
         options.heatmaps.mkdir(parents=True, exist_ok=True)
-        for stale in options.heatmaps.glob(_HEATMAP_TMP + "*"):  # overlays a kill cut short
+        from ._io import PARTIAL_PATTERN
+        for stale in options.heatmaps.glob(PARTIAL_PATTERN):  # overlays a kill cut short
             stale.unlink(missing_ok=True)
     _write_atomic(earlier_job, json.dumps({"version": _JOB_VERSION, "fingerprint": fingerprint,
                                            "columns": columns}).encode())
@@ -761,33 +761,25 @@ def _my_items(todo: Path) -> Iterator[dict]:
             yield json.loads(line)
 
 
-def _load_crop(path: str, size: int, resize: int):
-    from .preprocess import preprocess_image
-
+def _prepare_image(model, path: str, keep_image: bool):
+    """(`PreparedImage` for the model's geometry, None) or (None, the error): thread-safe."""
     try:
-        return preprocess_image(path, size, resize, what=path), None
+        return model.prepare(path, what=path, keep_image=keep_image), None
     except (ValueError, FileNotFoundError, OSError) as error:
         return None, error
 
 
-def _decoded_batches(items: Iterator[dict], batch_size: int, size: int, resize: int,
-                     workers: int) -> Iterator[list[tuple[dict, Any, Optional[BaseException]]]]:
-    """Batches of (item, uint8 crop or None, error or None); the next batch decodes in threads
-    while the caller scores this one, so at most two batches of images are held."""
-    def chunks():
-        batch = []
-        for item in items:
-            batch.append(item)
-            if len(batch) == batch_size:
-                yield batch
-                batch = []
-        if batch:
-            yield batch
+def _decoded_batches(items: Iterator[dict], batch_size: int, model, workers: int,
+                     keep_image: bool) -> Iterator[list[tuple[dict, Any, Optional[BaseException]]]]:
+    """Batches of (item, `PreparedImage` or None, error or None); the next batch decodes in
+    threads while the caller scores this one, so at most two batches of images are held.
+    `keep_image` keeps each decoded original, for overlays on the whole image."""
+    from .preprocess import batched
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         def submit(batch):
-            return [(it, pool.submit(_load_crop, it["path"], size, resize)) for it in batch]
-        upcoming = chunks()
+            return [(it, pool.submit(_prepare_image, model, it["path"], keep_image)) for it in batch]
+        upcoming = batched(items, batch_size)
         pending = submit(next(upcoming, []))
         while pending:
             current, pending = pending, submit(next(upcoming, []))
@@ -822,8 +814,8 @@ def _score_share(model, world: World, todo: Path, part: Path, assigned: int,
                desc="scoring" + (f" (rank 0 of {world.size})" if world.distributed else ""))
     try:
         with open(part, "ab") as sink:
-            for batch in _decoded_batches(_my_items(todo), options.batch_size, model.image_size,
-                                          model.resize, options.workers):
+            for batch in _decoded_batches(_my_items(todo), options.batch_size, model,
+                                          options.workers, options.heatmaps is not None):
                 good = [k for k, (_, crop, _) in enumerate(batch) if crop is not None]
                 rows = [{"i": it["i"], "path": it["path"], "score": "", "label": "",
                          "normalized_score": "", "heatmap": "", "error": ""}
@@ -858,15 +850,16 @@ def _score_batch(model, batch: list, rows: list[dict], thresholds, can_normalise
     """Fill `rows` with the scores (and overlays) of the readable images of one batch."""
     from .thresholds import normalize_scores
 
-    crops = torch.stack([crop for _, crop, _ in batch])
-    result = model(crops)
+    # Overlays show the whole original image: maps in its own pixels (SPEC 8).
+    result = model.score([prepared for _, prepared, _ in batch], batch_size=options.batch_size,
+                         map_size="input" if options.heatmaps is not None else None)
     scores = result.pred_score.float().cpu()
     labels = None if result.pred_label is None else result.pred_label.cpu()
     normalised = normalize_scores(scores.double().numpy(), thresholds) if can_normalise else None
-    if options.heatmaps is not None:  # one device-to-host copy per batch, not per image
-        maps = result.anomaly_map.float().cpu().numpy()
-        masks = None if result.pred_mask is None else result.pred_mask.cpu().numpy()
-    for k, (row, (item, crop, _)) in enumerate(zip(rows, batch)):
+    if options.heatmaps is not None:  # one device-to-host copy per image
+        maps = [m.float().cpu().numpy() for m in result.anomaly_map]
+        masks = None if result.pred_mask is None else [m.cpu().numpy() for m in result.pred_mask]
+    for k, (row, (item, prepared, _)) in enumerate(zip(rows, batch)):
         row["score"] = format_score(float(scores[k]))
         if labels is not None:
             row["label"] = "anomalous" if bool(labels[k]) else "normal"
@@ -874,20 +867,18 @@ def _score_batch(model, batch: list, rows: list[dict], thresholds, can_normalise
             row["normalized_score"] = f"{normalised[k]:.6f}"
         if options.heatmaps is not None:
             mask = masks[k] if masks is not None and row["label"] != "normal" else None
-            row["heatmap"] = write_overlay(options.heatmaps / item["heatmap"], crop.numpy(),
+            row["heatmap"] = write_overlay(options.heatmaps / item["heatmap"], prepared.image(),
                                            maps[k], mask, scale, options.side_by_side)
 
 
-def write_overlay(path: Path, crop: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray],
+def write_overlay(path: Path, image: np.ndarray, amap: np.ndarray, mask: Optional[np.ndarray],
                   scale: Optional[tuple[float, float]], side_by_side: bool) -> str:
-    """One overlay PNG, written under a hidden temporary name and renamed: a file with the final
-    name is always whole. Returns its path."""
+    """One overlay PNG of the whole image, written under a hidden temporary name and renamed
+    (`save_overlay`): a file with the final name is always whole. Returns its path."""
     from .visualize import save_overlay
 
     vmin, vmax = scale if scale else (None, None)
-    tmp = path.with_name(f"{_HEATMAP_TMP}{os.getpid()}-{path.name}")
-    save_overlay(tmp, crop, amap, mask=mask, vmin=vmin, vmax=vmax, side_by_side=side_by_side)
-    os.replace(tmp, path)
+    save_overlay(path, image, amap, mask=mask, vmin=vmin, vmax=vmax, side_by_side=side_by_side)
     return str(path)
 
 

@@ -388,6 +388,62 @@ def test_score_agrees_with_the_reference_or_refuses_alike(device, images, batch_
         assert_matches(a, b.double().cpu())
 
 
+GEOMETRIES = (  # SPEC 8: rectangular inputs, each resize mode, tiling (windows may overhang)
+    dict(image_size=(24, 40), resize_mode="pad"),
+    dict(image_size=(40, 24), resize_mode="crop"),
+    dict(image_size=(32, 48), resize_mode="whole"),
+    dict(image_size=24, tiling=(32, 20)),
+    dict(image_size=(24, 32), resize_mode="pad", tiling=((30, 40), (16, 25))),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def geometry_model(index: int, device: str = "cpu") -> SimpleNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SimpleNet(TinyBackbone(), weights=None, pretrain_embed_dim=30, target_embed_dim=21,
+                          hidden=40, **GEOMETRIES[index])
+    randomize_head(model.head, torch.Generator().manual_seed(1))
+    return model.to(device)
+
+
+def as_list(maps) -> list:
+    return list(maps) if maps is not None else []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(40)
+@given(images=st.one_of(image_sources(), st.lists(image_sources(), min_size=0, max_size=3)),
+       batch_size=st.integers(1, 3), index=st.integers(0, len(GEOMETRIES) - 1),
+       input_maps=st.booleans())
+def test_any_geometry_agrees_with_the_reference_or_refuses_alike(device, images, batch_size, index,
+                                                                  input_maps):
+    """Every geometry: the reference's answer, maps of the images' own sizes where asked, no
+    padding in any score, or the same clear refusal."""
+    CASES["SimpleNet.score geometry"] += 1
+    model = geometry_model(index, device)
+    map_size = "input" if input_maps or model.tiling is not None else "model"
+    fused, fused_error = outcome(lambda: model.score(images, batch_size, map_size=map_size))
+    reference, reference_error = outcome(
+        lambda: model.score(images, batch_size, fused=False, map_size=map_size))
+    assert fused_error == reference_error
+    if fused is None:
+        return
+    sizes = [model.prepare(source).size for _, source in simplenet_fast.preprocess.iter_sources(images)]
+    maps, masks = as_list(fused.anomaly_map), as_list(fused.scored_mask)
+    expected = sizes if map_size == "input" else [model.image_size] * len(sizes)
+    assert [tuple(m.shape) for m in maps] == expected
+    assert not masks or [tuple(m.shape) for m in masks] == expected
+    assert_matches(fused.pred_score, reference.pred_score.double().cpu())
+    for i, (a, b) in enumerate(zip(maps, as_list(reference.anomaly_map))):
+        assert_matches(a, b.double().cpu())
+        if masks:  # unscored pixels hold the lowest scored value
+            scored = masks[i]
+            assert bool(scored.any()) and bool((a[~scored] == a[scored].min()).all())
+    if fused.patch_scores is not None:  # padding never raises an image score
+        assert torch.equal(fused.pred_score, fused.patch_scores.amax(dim=(1, 2)))
+
+
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A registry backbone (custom modules cannot be saved) with a small head, on disk."""

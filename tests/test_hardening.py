@@ -192,7 +192,12 @@ def set_config(**values):
 # ------------------------------------------------------------------- model files
 @pytest.mark.parametrize("change, message", [
     # wrong types (test_serialization covers a string for an int)
-    (set_config(image_size=32.0), "'image_size' is missing or not int"),
+    (set_config(image_size=32.0), "'image_size' is missing or not [height, width] ints"),
+    (set_config(image_size=[32, 32.0]), "'image_size' is missing or not [height, width] ints"),
+    (set_config(resize="72"), "'resize' is missing or not an int or None"),
+    (set_config(tiling=[64, 32]), "'tiling' is missing or not None or"),
+    (set_config(resize_mode=None), "'resize_mode' is missing or not str"),
+    (set_config(epochs=2.5), "'epochs' is missing or not int"),
     (set_config(hidden=True), "'hidden' is missing or not int"),
     (set_config(target_embed_dim=None), "'target_embed_dim' is missing or not int"),
     (set_config(sigma="2"), "'sigma' is missing or not a number"),
@@ -203,12 +208,15 @@ def set_config(**values):
     (lambda o: o.update(head=[torch.zeros(2)]), "'head' must be a state dict of tensors"),
     (lambda o: o["head"].update({"adaptor.weight": "not a tensor"}), "'head' must be a state dict"),
     # wrong values
-    (set_config(image_size=0), "unusable config"),
-    (set_config(image_size=40, resize=36), "unusable config"),
+    (set_config(image_size=[0, 40]), "unusable config"),
+    (set_config(image_size=[40, 40], resize=36), "unusable config"),
+    (set_config(resize_mode="stretch"), "unusable config"),
+    (set_config(resize_mode="whole"), "unusable config"),  # a resize with whole
+    (set_config(tiling=[[64, 64], [65, 65]]), "unusable config"),
     (set_config(sigma=float("nan")), "unusable config"),
     (set_config(sigma=1e9), "unusable config"),  # 8e9 blur taps
     (set_config(precision="float16"), "unusable config"),
-    (set_config(image_size=10**9, resize=10**9), "unusable config"),
+    (set_config(image_size=[10**9, 10**9], resize=10**9), "unusable config"),
     (set_config(pretrain_embed_dim=10**8), "unusable config"),  # the fold would be [P, C*9] float64
     # tensors that do not fit the config, or declared sizes no tensor backs
     (set_config(hidden=10**9), "do not fit its config"),
@@ -282,7 +290,8 @@ def test_pickle_payload_inside_the_config_never_runs(saved, tmp_path):
 
 
 def test_model_constructor_bounds_what_a_file_could_declare():
-    for kwargs, message in ((dict(image_size=9000, resize=9000), "image_size must be an int in 1..8192"),
+    for kwargs, message in ((dict(image_size=9000, resize=9000), "image_size must be positive and at most 8192"),
+                            (dict(image_size=64, tiling=(9000, 64)), "tile must be positive and at most 8192"),
                             (dict(pretrain_embed_dim=10**6), "pretrain_embed_dim must be <= 16384"),
                             (dict(sigma=100.0, image_size=64, resize=72), r"sigma must be <= max\(64.*longer side 64\)")):
         with pytest.raises(ValueError, match=message):

@@ -181,7 +181,7 @@ def test_forward_takes_uint8_crops(model):
     crops = next(iter_batches(images, 8, SIZE, RESIZE))
     out = model(crops)
     torch.testing.assert_close(out.pred_score, model.score(images).pred_score, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="uint8 crops"):
+    with pytest.raises(ValueError, match="uint8 inputs"):
         model(crops.float())
 
 
@@ -204,7 +204,7 @@ def test_constructor_validation():
     m = SimpleNet("efficientnet_lite0", weights=None, image_size=64, resize=72, **HEAD)
     assert m.head.channels == m.backbone.channels == (40, 112)
     assert m.image_threshold is None and m.pixel_threshold is None
-    assert m.config()["backbone"] == "efficientnet_lite0" and m.config()["weights_id"] == "random"
+    assert m.config["backbone"] == "efficientnet_lite0" and m.config["weights_id"] == "random"
 
 
 def test_module_level_score_caches_loaded_models(tmp_path, monkeypatch):
