@@ -13,7 +13,7 @@ import pickle
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from .backbones import build_backbone
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map, check_sigma
-from .preprocess import iter_batches, iter_sources, normalise, preprocess_image
+from .preprocess import count_images, iter_batches, iter_sources, normalise, preprocess_image
 
 FORMAT = "simplenet_fast"
 FORMAT_VERSION = 1
@@ -143,6 +143,7 @@ class SimpleNet(nn.Module):
         self.register_buffer("_std", torch.tensor(self.backbone.std, dtype=torch.float32)
                              .view(1, 3, 1, 1), persistent=False)
         self._graphs: dict = {}
+        self._compiled = None  # score(compile=True)'s compiled _device_forward
         self._channels_last = False
         self.eval()
         if device is not None:
@@ -172,6 +173,7 @@ class SimpleNet(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .float() move or replace tensors a captured graph points at.
         self._graphs.clear()
+        self._compiled = None
         return super()._apply(fn, *args, **kwargs)
 
     def _use_bf16(self) -> bool:
@@ -184,10 +186,15 @@ class SimpleNet(nn.Module):
 
         Pure tensor work on the device: no host synchronisation unless `check` (the NaN / Inf
         check of the scores) is True, so that it can be captured in a CUDA graph with
-        `check=False`. `fused=None` takes the compiled head when it has a kernel for
-        the features' device and dtype.
+        `check=False`, and no graph break under torch.compile (`simplenet_fast.scoring`).
+        `fused=None` takes the compiled head when it has a kernel for the features' device and
+        dtype.
         """
-        x = normalise(batch, self._mean, self._std)
+        return self._normalised_forward(normalise(batch, self._mean, self._std), fused, check)
+
+    def _normalised_forward(self, x: Tensor, fused: bool | None = None, check: bool = True
+                            ) -> tuple[Tensor, Tensor, Tensor]:
+        """`_device_forward` from the normalised float images `[B, 3, S, S]`."""
         if self._use_bf16():
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
@@ -221,7 +228,8 @@ class SimpleNet(nn.Module):
                              threshold_source=threshold_source(self))
 
     def score(self, images: Any, batch_size: int = 32, fused: bool | None = None,
-              cuda_graph: bool = False) -> AnomalyResult:
+              cuda_graph: bool = False, compile: bool = False,
+              progress: bool | Callable[[int], Any] | None = None) -> AnomalyResult:
         """Score images (see `simplenet_fast.preprocess` for every accepted kind).
 
         Images are decoded and cropped lazily, `batch_size` at a time, so a list of 10,000 paths
@@ -239,18 +247,28 @@ class SimpleNet(nn.Module):
             batch size in a `torch.cuda.CUDAGraph` and replay it; a last, smaller batch is padded
             to the captured size. Graphs are dropped when the model moves or its weights change.
             Ignored on the CPU.
+        compile: run the device path through `torch.compile(fullgraph=True)` (compiled on the
+            first call, in tens of seconds, and again for a new batch shape; kept with the model;
+            see `simplenet_fast.scoring`). Not together with cuda_graph.
+        progress: True shows a progress bar (tqdm, on stderr); a callable is called with the
+            number of images of each batch once it is scored (on CUDA: handed to the device,
+            which is synchronised once per call, at the end).
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        if compile and cuda_graph:
+            raise ValueError("compile=True and cuda_graph=True are exclusive: pick one")
         device = self.device
         on_cuda = device.type == "cuda"
-        self.head.eval()
+        if self.head.training:
+            self.head.eval()
         if self._use_bf16() and not self._channels_last:
             self._graphs.clear()  # the conversion replaces the backbone's weight tensors
             self.backbone.to(memory_format=torch.channels_last)
             self._channels_last = True
+        forward = self._compiled_forward() if compile else self._device_forward
         outputs: list[tuple[Tensor, Tensor, Tensor]] = []
-        with torch.inference_mode():
+        with _Progress(progress, images) as report, torch.inference_mode():
             for batch in iter_batches(images, batch_size, self.image_size, self.resize):
                 if on_cuda:
                     batch = batch.pin_memory()
@@ -260,15 +278,22 @@ class SimpleNet(nn.Module):
                 else:
                     # On CUDA the finiteness check waits for the end (one host sync per call,
                     # not one per batch); a captured graph cannot check at all.
-                    out = self._device_forward(batch.to(device, non_blocking=True), fused,
-                                               check=not on_cuda)
+                    out = forward(batch.to(device, non_blocking=True), fused, not on_cuda)
                 outputs.append(out)
+                report(batch.shape[0])
         # Concatenated outside inference mode: the result holds ordinary tensors that users can
         # modify in place.
         patch_scores, pred_score, amap = (torch.cat([o[i] for o in outputs]) for i in range(3))
         if on_cuda:
             check_scores(patch_scores)  # SPEC 6: NaN never passes, graphs included
         return self._result(patch_scores, pred_score, amap)
+
+    def _compiled_forward(self):
+        """`_device_forward` through torch.compile(fullgraph=True), built once per model (and
+        again after it moves): dynamo's guards recompile it for a new batch shape or argument."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._device_forward, fullgraph=True)
+        return self._compiled
 
     def _graph_forward(self, batch: Tensor, batch_size: int, fused: bool | None
                        ) -> tuple[Tensor, Tensor, Tensor]:
@@ -661,6 +686,35 @@ class _TrainingImages:
                 item = preprocess_image(item, self.image_size, self.resize, what)
             crops.append(item)
         return torch.stack(crops)
+
+
+class _Progress:
+    """`score`'s progress argument as a context: called with each batch's image count."""
+
+    def __init__(self, progress: bool | Callable[[int], Any] | None, images: Any):
+        self.bar = None
+        self.callback = None
+        if progress is True:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=count_images(images), desc="scoring", unit="img")
+        elif callable(progress):
+            self.callback = progress
+        elif progress not in (None, False):
+            raise ValueError("progress must be True, False, None or a callable taking the number "
+                             f"of images scored, got {progress!r}")
+
+    def __call__(self, done: int) -> None:
+        if self.bar is not None:
+            self.bar.update(done)
+        elif self.callback is not None:
+            self.callback(done)
+
+    def __enter__(self) -> "_Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 # ---------------------------------------------------------------------------------- module level
