@@ -513,22 +513,10 @@ def _progress(total: int, desc: str, quiet: bool, unit: str = "img"):
 
 
 def _score_list(model, images: list, batch_size: int, quiet: bool, desc: str = "scoring"):
-    """`model.score(images)` in chunks, with a progress bar; one AnomalyResult for all."""
-    import torch
-
-    from .model import AnomalyResult
-
-    parts = []
+    """`model.score(images)` in one call (one device synchronisation on CUDA), with a progress
+    bar that advances per batch."""
     with _progress(len(images), desc, quiet) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            parts.append(model.score(chunk, batch_size=batch_size))
-            bar.update(len(chunk))
-    fields = {}
-    for name in ("pred_score", "anomaly_map", "patch_scores", "pred_label", "pred_mask"):
-        values = [getattr(p, name) for p in parts]
-        fields[name] = None if values[0] is None else torch.cat(values)
-    return AnomalyResult(**fields)
+        return model.score(images, batch_size=batch_size, progress=bar.update)
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
