@@ -112,7 +112,7 @@ class FoldedHead:
 @torch.no_grad()
 def fold_head(head) -> FoldedHead:
     """The fold of a `SimpleNetHead`'s current weights (see `fold_weights`)."""
-    return fold_weights(head._fold_inputs(), head.channels, head.pretrain_embed_dim,
+    return fold_weights(head.operator_weights(), head.channels, head.pretrain_embed_dim,
                         head.discriminator.bn.eps, head.discriminator.negative_slope)
 
 
@@ -121,7 +121,7 @@ def fold_weights(weights: Sequence[Tensor], channels: tuple[int, int], pretrain_
                  bn_eps: float, negative_slope: float) -> FoldedHead:
     """BN into the first layer, the adaptor into both (SPEC 4), in float64, on the weights' device.
 
-    weights: the head's raw tensors in `SimpleNetHead._fold_inputs` order: adaptor weight and
+    weights: the head's raw tensors in `SimpleNetHead.operator_weights` order: adaptor weight and
     bias, first discriminator layer weight and bias, BN weight, bias, running mean and variance,
     tail weight. The pooling plans and the stored fold are on the CPU.
     """

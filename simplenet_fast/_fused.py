@@ -20,6 +20,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch.multiprocessing.reductions import StorageWeakRef
 
 from ._fold import FoldedHead, fold_weights, resample_plan
 from ._native import native
@@ -28,7 +29,7 @@ _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 # What the compiled kernels take, per device type: feature dtypes and GEMM operand dtypes.
 _FEATURE_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16)}
 _COMPUTE_DTYPES = {"cpu": (torch.float32,), "cuda": (torch.float32, torch.bfloat16)}
-# The head's raw tensors, in the operator's order (`SimpleNetHead._fold_inputs`).
+# The head's raw tensors, in the operator's order (`SimpleNetHead.operator_weights`).
 WEIGHT_NAMES = ("adaptor_weight", "adaptor_bias", "linear_weight", "linear_bias", "bn_weight",
                 "bn_bias", "bn_running_mean", "bn_running_var", "tail_weight")
 
@@ -194,10 +195,12 @@ class _WeightStateCache:
     """Values derived from a head's weights (the fold, the kernels' weight layout), rebuilt when a
     weight changes; thread-safe, at most MAX_ENTRIES entries, least recently used dropped first.
 
-    An entry holds the weight tensors themselves: while it lives, no other tensor can take their
-    memory, so their data pointers and version counters (which every in-place change bumps: an
-    optimiser step, load_state_dict, .copy_) identify the weight state exactly. Weights created
-    under torch.inference_mode have no version counter: their values are rebuilt on every call.
+    A weight state is each tensor's storage (identified by its StorageImpl, held by a weak
+    reference so that no other storage can take its place while the entry lives), place in it,
+    and version counter, which every in-place change bumps (an optimiser step, load_state_dict,
+    .copy_). Entries do not keep the weights alive: those of freed weights are dropped. Weights
+    created under torch.inference_mode have no version counter: their values are rebuilt on
+    every call.
     """
 
     MAX_ENTRIES = 16
@@ -209,7 +212,9 @@ class _WeightStateCache:
 
     def get(self, key: tuple, weights: Sequence[Tensor], build):
         versions = weights_versions(weights)
-        key = (key, tuple((w.data_ptr(), w.dtype, tuple(w.shape), w.device) for w in weights))
+        storages = [w.untyped_storage() for w in weights]
+        key = (key, tuple((s._cdata, w.storage_offset(), tuple(w.shape), w.stride(), w.dtype)
+                          for s, w in zip(storages, weights)))
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None and versions is not None and entry[0] == versions:
@@ -217,7 +222,9 @@ class _WeightStateCache:
                 return entry[2]
             value = build()
             if versions is not None:
-                self._entries[key] = (versions, tuple(weights), value)
+                for dead in [k for k, e in self._entries.items() if any(r.expired() for r in e[1])]:
+                    del self._entries[dead]
+                self._entries[key] = (versions, [StorageWeakRef(s) for s in storages], value)
                 self._entries.move_to_end(key)
                 while len(self._entries) > self.MAX_ENTRIES:
                     self._entries.popitem(last=False)
@@ -321,7 +328,7 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
                        out: Tensor | None = None) -> Tensor:
     """`run` with a `SimpleNetHead`'s weights: [B, H2, W2] patch scores, no finiteness check."""
     disc = head.discriminator
-    return run(features, head._fold_inputs(), head.pretrain_embed_dim, disc.bn.eps,
+    return run(features, head.operator_weights(), head.pretrain_embed_dim, disc.bn.eps,
                disc.negative_slope, compute_dtype, out)
 
 

@@ -163,11 +163,13 @@ class SimpleNetHead(nn.Module):
         disc = self.discriminator
         # Detached: the fused scores have no gradient with respect to the weights. (Not through
         # torch.no_grad(): a compiled graph that raises inside it leaves grad mode off.)
-        weights = [w.detach() for w in self._fold_inputs()]
+        weights = [w.detach() for w in self.operator_weights()]
         config = (self.pretrain_embed_dim, disc.bn.eps, disc.negative_slope)
-        # The operator checks again; checking here too lets torch.compile raise the ValueError
-        # itself (a fake kernel's error reaches the caller wrapped in a TorchRuntimeError).
-        _fused.check_inputs(features, weights, *config, compute_dtype)
+        if torch.compiler.is_compiling():
+            # The operator checks in eager calls. Checking in the traced code too lets dynamo
+            # raise the ValueError itself (a fake kernel's error reaches the caller wrapped in
+            # a TorchRuntimeError); it costs guards, no run time.
+            _fused.check_inputs(features, weights, *config, compute_dtype)
         return ops.patch_scores(*features, *weights, *config, compute_dtype, check_finite)
 
     def folded(self, device: torch.device | str = "cpu"):
@@ -175,17 +177,19 @@ class SimpleNetHead(nn.Module):
         from . import _fused
 
         disc = self.discriminator
-        return _fused.folded(self._fold_inputs(), self.channels, self.pretrain_embed_dim,
+        return _fused.folded(self.operator_weights(), self.channels, self.pretrain_embed_dim,
                              disc.bn.eps, disc.negative_slope, torch.device(device))
 
     def weights_state(self) -> tuple:
         """Storage and version counter of every tensor the fold reads: an optimiser step,
         load_state_dict or load_official_state_dict changes it. Keys the model's captured CUDA
         graphs (the fold's own cache is `_fused._WeightStateCache`)."""
-        return tuple((t.data_ptr(), t._version) for t in self._fold_inputs())
+        return tuple((t.data_ptr(), t._version) for t in self.operator_weights())
 
-    def _fold_inputs(self) -> list[Tensor]:
-        """The weights the fold reads, in the operator's order (`_fused.WEIGHT_NAMES`)."""
+    def operator_weights(self) -> list[Tensor]:
+        """The head's raw tensors in the order `torch.ops.simplenet_fast.patch_scores` takes them
+        (`_fused.WEIGHT_NAMES`): adaptor weight and bias, first discriminator layer weight and
+        bias, BN weight, bias, running mean and variance, tail weight. The fold reads these."""
         disc = self.discriminator
         return [self.adaptor.weight, self.adaptor.bias, disc.linear.weight, disc.linear.bias,
                 disc.bn.weight, disc.bn.bias, disc.bn.running_mean, disc.bn.running_var,

@@ -200,7 +200,10 @@ class SimpleNet(nn.Module):
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 features = self.backbone(x)
         else:
-            features = self.backbone(x.contiguous())
+            # normalise's output is channels-last already: backbones that run in that layout
+            # take it without a copy (the Lite0 fast route converted NCHW back, two copies).
+            layout = torch.channels_last if self.backbone.channels_last_input else torch.contiguous_format
+            features = self.backbone(x.contiguous(memory_format=layout))
         compute = torch.bfloat16 if self._use_bf16() else torch.float32
         scores = self.head.patch_scores(features, fused=fused, compute_dtype=compute,
                                         check_finite=check).float()

@@ -7,8 +7,8 @@ linear_weight, linear_bias, bn_weight, bn_bias, bn_running_mean, bn_running_var,
 pretrain_embed_dim, bn_eps, negative_slope, compute_dtype=torch.float32, check_finite=True)`
   -> float32 `[B, H2, W2]` patch scores (SPEC 1.9), on the features' device.
 
-- Inputs are the backbone maps and the head's raw tensors (`SimpleNetHead._fold_inputs()`), not
-  a folded copy: an exported program carries the head's own state dict, and a weight update
+- Inputs are the backbone maps and the head's raw tensors (`SimpleNetHead.operator_weights()`),
+  not a folded copy: an exported program carries the head's own state dict, and a weight update
   takes effect at the next call. The SPEC 4 fold and the CPU kernel's packed weights are built
   inside the kernel, once per weight state, and cached (`_fused._WeightStateCache`): opaque to
   the compiler, so a compiled graph holds one call of the operator.
@@ -31,9 +31,9 @@ reference path (any scores): it returns a copy of `scores`, or raises; gradients
 device and cached, which a trace must not see (a traced call would cache a fake tensor, and
 their construction is not traceable); as an operator it is one node of the graph.
 
-Both are in `SimpleNetHead.patch_scores`. To load a saved `ExportedProgram` that contains them,
-`import simplenet_fast` before `torch.export.load` (README, "The fused head in your own
-inference code").
+`SimpleNetHead.patch_scores` runs the first two, `simplenet_fast.anomaly_map` the third. To load
+a saved `ExportedProgram` that contains them, `import simplenet_fast` before `torch.export.load`
+(README, "The fused head in your own inference code").
 """
 from __future__ import annotations
 

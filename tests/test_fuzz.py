@@ -319,7 +319,7 @@ def test_operator_gives_the_reference_answer_or_a_clear_error(device, config, ba
     g = torch.Generator().manual_seed(seed)
     features = [torch.rand(batch, c, *grid, generator=g).to(device)
                 for c, grid in zip(head.channels, (grid2, grid3))]
-    weights = [w.detach().clone() for w in head._fold_inputs()]
+    weights = [w.detach().clone() for w in head.operator_weights()]
     pretrain, eps, slope, compute, check = head.pretrain_embed_dim, 1e-5, 0.2, torch.float32, True
     expected = None
     if mutation == "weight_shape":

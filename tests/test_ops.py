@@ -3,6 +3,9 @@ implementation, torch.compile without graph breaks, torch.export round trips, an
 refused alike in eager, compiled and exported code. CPU and CUDA share the test bodies."""
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -19,7 +22,7 @@ pytestmark = pytest.mark.skipif(not build_info()["compiled"], reason="simplenet_
 
 def op_arguments(head: SimpleNetHead, features, *rest):
     disc = head.discriminator
-    return (*features, *head._fold_inputs(), head.pretrain_embed_dim, disc.bn.eps,
+    return (*features, *head.operator_weights(), head.pretrain_embed_dim, disc.bn.eps,
             disc.negative_slope, *rest)
 
 
@@ -104,6 +107,21 @@ def test_operator_follows_weight_updates(generator):
     with torch.no_grad():
         expected = fresh.reference_patch_scores(features)
     assert relative_error(OP(*op_arguments(head, features)), expected) < FLOAT32_TOL
+
+
+def test_cache_neither_keeps_weights_alive_nor_mixes_up_their_successors(generator):
+    """Heads created and dropped in turn (their memory reused at once, versions alike) each get
+    their own fold; the cache holds no reference that keeps a dropped head's weights alive."""
+    features = random_features((24, 40), 1, (35, 37), (18, 19), generator)
+    for _ in range(4):
+        head = randomize_head(SimpleNetHead((24, 40), 100, 71, 48), generator)
+        with torch.no_grad():
+            expected = head.reference_patch_scores(features)
+            assert relative_error(head.patch_scores(features, fused=True), expected) < FLOAT32_TOL
+        alive = weakref.ref(head.adaptor.weight)
+        del head
+        gc.collect()
+        assert alive() is None
 
 
 def test_weights_never_receive_gradients(generator):

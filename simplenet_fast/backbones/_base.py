@@ -29,6 +29,8 @@ class FeatureExtractor(nn.Module):
       strides    (8, 16)
       mean, std  per-channel input normalisation for images scaled to [0, 1]
       weights_id `"imagenet"`, `"random"`, `"file:<sha256>"` or `"custom"` (a user module's own)
+      channels_last_input  True when forward runs fastest on channels-last images: `SimpleNet`
+                 then hands over its normalised images in that memory order, without a copy
     """
 
     name: str | None = None
@@ -37,6 +39,7 @@ class FeatureExtractor(nn.Module):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights_id: str = "random"
+    channels_last_input: bool = False
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always eval: BatchNorm must keep its pretrained statistics (SPEC 3), whatever a caller's

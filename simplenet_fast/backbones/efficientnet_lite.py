@@ -170,6 +170,7 @@ class EfficientNetLite0Features(FeatureExtractor):
     strides = (8, 16)
     mean = LITE_MEAN
     std = LITE_STD
+    channels_last_input = True  # the fast route's layout: normalised crops come in it as they are
 
     def __init__(self):
         super().__init__()
