@@ -20,6 +20,16 @@ OP = torch.ops.simplenet_fast.patch_scores
 pytestmark = pytest.mark.skipif(not build_info()["compiled"], reason="simplenet_fast._C is not built")
 
 
+@pytest.fixture(autouse=True)
+def exact_float32():
+    """TF32 would make 'float32' GEMMs and convolutions on the GPU 10-bit: the contract is true
+    float32 (eager and compiled code would round differently)."""
+    previous = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = previous
+
+
 def op_arguments(head: SimpleNetHead, features, *rest):
     disc = head.discriminator
     return (*features, *head.operator_weights(), head.pretrain_embed_dim, disc.bn.eps,
@@ -107,6 +117,24 @@ def test_operator_follows_weight_updates(generator):
     with torch.no_grad():
         expected = fresh.reference_patch_scores(features)
     assert relative_error(OP(*op_arguments(head, features)), expected) < FLOAT32_TOL
+
+
+def test_fold_packing_and_pooling_tables_are_built_once_per_weight_state(generator, monkeypatch):
+    head, features = odd_case(generator, 1)
+    built = {"fold": 0, "pack": 0, "tables": 0}
+    for name, key in (("fold_weights", "fold"), ("_pack", "pack"), ("_pool_tables", "tables")):
+        original = getattr(_fused, name)
+        monkeypatch.setattr(_fused, name, lambda *a, _f=original, _k=key, **k: (
+            built.__setitem__(_k, built[_k] + 1), _f(*a, **k))[1])
+    for _ in range(3):
+        OP(*op_arguments(head, features))
+    assert built == {"fold": 1, "pack": 2, "tables": 2}  # weight2 and weight3; layer2 and layer3
+    OP(*op_arguments(head, [f[..., :-1] for f in features]))  # another grid: its tables only
+    assert built == {"fold": 1, "pack": 2, "tables": 4}
+    with torch.no_grad():
+        head.discriminator.linear.bias.add_(1.0)
+    OP(*op_arguments(head, features))
+    assert built == {"fold": 2, "pack": 4, "tables": 6}
 
 
 def test_cache_neither_keeps_weights_alive_nor_mixes_up_their_successors(generator):
@@ -281,11 +309,13 @@ def test_exported_program_contains_the_operator_and_round_trips(generator, tmp_p
 
 
 @pytest.mark.slow
-def test_score_compile_matches_eager(generator):
+@pytest.mark.parametrize("device", DEVICES)
+def test_score_compile_matches_eager(device, generator):
     torch.manual_seed(0)
     model = SimpleNet(TinyBackbone(), image_size=40, resize=44, pretrain_embed_dim=30,
                       target_embed_dim=23, hidden=20)
     randomize_head(model.head, generator)
+    model.to(device)
     images = [torch.rand(3, 50, 47, generator=generator) for _ in range(4)]
     expected = model.score(images, batch_size=2)
     torch._dynamo.reset()
