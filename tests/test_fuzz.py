@@ -334,7 +334,8 @@ def test_operator_gives_the_reference_answer_or_a_clear_error(device, config, ba
         weights[data.draw(st.integers(0, len(weights) - 1))].view(-1)[0] = float("nan")
         expected = "produced NaN or Inf" if batch else None  # nothing to score, nothing wrong
     elif mutation == "feature_dtype":
-        features = [f.to(data.draw(st.sampled_from([torch.float64, torch.float16]))) for f in features]
+        dtype = data.draw(st.sampled_from([torch.float64, torch.float16]))
+        features = [f.to(dtype) for f in features]
         expected = "no kernel for"
     elif mutation == "feature_nan" and batch:
         features[0].view(-1)[data.draw(st.integers(0, features[0].numel() - 1))] = float("nan")
