@@ -193,12 +193,16 @@ def threads_and_summary(request):
     yield
     reporter = request.config.pluginmanager.getplugin("terminalreporter")
     capture = request.config.pluginmanager.getplugin("capturemanager")
-    if reporter is not None and capture is not None and _summary:
+    if reporter is None or capture is None:
+        torch.set_num_threads(before)
+        return
+    lines = []
+    if _summary:
         times = {(r["case"], r["impl"]): r["ms"] for r in _summary}
-        lines = ["", (f"end to end on the CPU, EfficientNet-Lite0, head dims {DIMS} "
-                      f"(pretrain, target, hidden), {torch.get_num_threads()} torch threads"),
-                 (f"{'case':<10} {'impl':<14} {'min ms':>8} {'ms/img':>7} {'img/s':>7} "
-                  f"{'vs modules':>10}")]
+        lines += ["", (f"end to end on the CPU, EfficientNet-Lite0, head dims {DIMS} "
+                       f"(pretrain, target, hidden), {torch.get_num_threads()} torch threads"),
+                  (f"{'case':<10} {'impl':<14} {'min ms':>8} {'ms/img':>7} {'img/s':>7} "
+                   f"{'vs modules':>10}")]
         for r in _summary:
             base = times.get((r["case"], "fused_modules"))
             speedup = f"{base / r['ms']:.2f}x" if base else ""
@@ -210,8 +214,8 @@ def threads_and_summary(request):
             lines.append(f"goal {GOAL:.0f} img/s at 288, batch 1: {goal[0]['images_per_s']:.1f} ({met})")
         if 288 in _models:
             lines += overhead_lines(stage_breakdown(288))
-    if reporter is not None and capture is not None and _compiled_summary:
-        lines = ["", "compiled (torch.compile fullgraph) vs eager end to end at 288, min ms per call:"]
+    if _compiled_summary:
+        lines += ["", "compiled (torch.compile fullgraph) vs eager end to end at 288, min ms per call:"]
         times = {(r["case"], r["impl"]): r["ms"] for r in _compiled_summary}
         for r in _compiled_summary:
             eager = times.get((r["case"], "eager"))
@@ -225,12 +229,9 @@ def threads_and_summary(request):
                 lines.append(f"  {backbone + ' B' + str(batch):<26} eager {eager[0]:8.2f} (median "
                              f"{eager[1]:.2f}), compiled {compiled[0]:8.2f} (median {compiled[1]:.2f}): "
                              f"eager / compiled {eager[0] / compiled[0]:.2f}x")
-        with capture.global_and_fixture_disabled():
-            for line in lines:
-                reporter.write_line(line)
-        with capture.global_and_fixture_disabled():
-            for line in lines:
-                reporter.write_line(line)
+    with capture.global_and_fixture_disabled():
+        for line in lines:
+            reporter.write_line(line)
     torch.set_num_threads(before)
 
 

@@ -11,7 +11,6 @@ packed weights) is built once per weight state and device by `prepare`, and cach
 """
 from __future__ import annotations
 
-import functools
 import math
 import threading
 from collections import OrderedDict
@@ -76,13 +75,12 @@ def check_weights(weights: Sequence[Tensor], device: torch.device) -> tuple[int,
                              "to the features' device")
     target = weights[0].shape[0] if weights[0].dim() else 0
     hidden = weights[2].shape[0] if weights[2].dim() else 0
-    expected = {"adaptor_weight": (target, target), "adaptor_bias": (target,),
-                "linear_weight": (hidden, target), "linear_bias": (hidden,), "bn_weight": (hidden,),
-                "bn_bias": (hidden,), "bn_running_mean": (hidden,), "bn_running_var": (hidden,),
-                "tail_weight": (1, hidden)}
-    for name, w in zip(WEIGHT_NAMES, weights):
-        if tuple(w.shape) != expected[name] or min(expected[name]) <= 0:
-            raise ValueError(f"{name} must be {list(expected[name])} (target_embed_dim {target}, "
+    # WEIGHT_NAMES order: adaptor [T, T] and [T]; first layer [H, T] and [H]; BN 4 x [H]; tail [1, H]
+    expected = ((target, target), (target,), (hidden, target), (hidden,), (hidden,), (hidden,),
+                (hidden,), (hidden,), (1, hidden))
+    for name, w, shape in zip(WEIGHT_NAMES, weights, expected):
+        if w.shape != shape or target <= 0 or hidden <= 0:
+            raise ValueError(f"{name} must be {list(shape)} (target_embed_dim {target}, "
                              f"hidden {hidden}), got {list(w.shape)}")
     return target, hidden
 
@@ -165,21 +163,45 @@ class Prepared:
     folded: FoldedHead   # on the device
     weight2: Tensor      # CPU: float32 packed by _C.pack_weight_cpu; CUDA: [hidden, d2] compute dtype
     weight3: Tensor
-    # CPU: the pooling tables of each grid seen, (h2, w2, h3, w3) -> the four tensors
-    # (offset2, neighbour2, offset3, neighbour3) of csrc/head.h's PoolPlan; a few grids at most.
-    grid_tables: dict = field(default_factory=dict, compare=False)
+    # The kernel's params of each grid seen (see grid_params); a few grids at most.
+    grids: dict = field(default_factory=dict, compare=False)
 
     MAX_GRIDS = 8
 
-    def pool_tables(self, h2: int, w2: int, h3: int, w3: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def grid_params(self, h2: int, w2: int, h3: int, w3: int) -> tuple[dict, list[Tensor]]:
+        """The kernel's params (csrc/head.h) that depend on the weights and the grid only, and
+        the tensors they point into (the layer3 resampling, and on the CPU the pooling tables):
+        built once per grid. The caller holds the pair until the kernel returns: another thread
+        may drop it from `grids` meanwhile (a race builds an entry twice, or evicts it)."""
         key = (h2, w2, h3, w3)
-        tables = self.grid_tables.get(key)
-        if tables is None:  # a race builds the same tables twice, harmlessly
-            tables = (*_pool_tables(self.folded.pool2, h2, w2), *_pool_tables(self.folded.pool3, h3, w3))
-            if len(self.grid_tables) >= self.MAX_GRIDS:
-                self.grid_tables.clear()
-            self.grid_tables[key] = tables
-        return tables
+        entry = self.grids.get(key)
+        if entry is None:
+            entry = self._grid_entry(h2, w2, h3, w3)
+            if len(self.grids) >= self.MAX_GRIDS:
+                self.grids.clear()
+            self.grids[key] = entry
+        return entry
+
+    def _grid_entry(self, h2: int, w2: int, h3: int, w3: int) -> tuple[dict, list[Tensor]]:
+        folded = self.folded
+        device = folded.bias.device
+        tensors = {"weight2": self.weight2, "weight3": self.weight3, "bias": folded.bias,
+                   "w_out": folded.w_out, "pool2_index": folded.pool2.index,
+                   "pool2_weight": folded.pool2.weight, "pool3_index": folded.pool3.index,
+                   "pool3_weight": folded.pool3.weight}
+        for axis, (size3, size2) in (("y", (h3, h2)), ("x", (w3, w2))):
+            i0, i1, lambda1 = resample_plan(size3, size2)
+            tensors.update({f"up_{axis}_i0": i0.to(device), f"up_{axis}_i1": i1.to(device),
+                            f"up_{axis}_lambda1": lambda1.float().to(device)})
+        if device.type == "cpu":  # the CPU kernel's pooling tables (head.h's PoolPlan)
+            (tensors["pool2_offset"], tensors["pool2_neighbour"]) = _pool_tables(folded.pool2, h2, w2)
+            (tensors["pool3_offset"], tensors["pool3_neighbour"]) = _pool_tables(folded.pool3, h3, w3)
+        params = {name: t.data_ptr() for name, t in tensors.items()}
+        params.update(h2=h2, w2=w2, h3=h3, w3=w3, hidden=folded.hidden,
+                      negative_slope=folded.negative_slope,
+                      pool2_columns=folded.pool2.columns, pool2_width=folded.pool2.width,
+                      pool3_columns=folded.pool3.columns, pool3_width=folded.pool3.width)
+        return params, list(tensors.values())
 
 
 def _pool_tables(plan, height: int, width: int) -> tuple[Tensor, Tensor]:
@@ -278,15 +300,6 @@ def _pack(weight: Tensor) -> Tensor:
     return packed
 
 
-@functools.lru_cache(maxsize=64)
-def _resample(in_size: int, out_size: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    # Cached: a host-to-device copy cannot happen inside CUDA graph capture (the first call, outside
-    # the capture, fills the cache). Only real calls reach this (never a traced one, whose fake
-    # tensors would poison the cache).
-    i0, i1, lambda1 = resample_plan(in_size, out_size)
-    return i0.to(device), i1.to(device), lambda1.float().to(device)
-
-
 # ---------------------------------------------------------------------------------- entry points
 def run(features: Sequence[Tensor], weights: Sequence[Tensor], pretrain_embed_dim: int,
         bn_eps: float, negative_slope: float, compute_dtype: torch.dtype = torch.float32,
@@ -335,37 +348,21 @@ def fused_patch_scores(head, features: Sequence[Tensor], compute_dtype: torch.dt
 def _launch(module, prepared: Prepared, f2: Tensor, f3: Tensor, compute_dtype: torch.dtype,
             scores: Tensor) -> None:
     """One kernel call on checked, contiguous NCHW features (csrc/head.h's params)."""
-    folded = prepared.folded
     batch, c2, h2, w2 = f2.shape
     _, c3, h3, w3 = f3.shape
     device = f2.device
     # The layer3 term [B, H3, W3, hidden], then the CUDA kernel's partial scores (csrc/head.h).
-    workspace = torch.empty(batch * h3 * w3 * folded.hidden + module.MAX_HIDDEN_SPLITS * batch * h2 * w2,
+    workspace = torch.empty(batch * h3 * w3 * prepared.folded.hidden
+                            + module.MAX_HIDDEN_SPLITS * batch * h2 * w2,
                             dtype=torch.float32, device=device)
-    up_y = _resample(h3, h2, device)
-    up_x = _resample(w3, w2, device)
-    tables = prepared.pool_tables(h2, w2, h3, w3) if device.type == "cpu" else None
-    params = {
-        "batch": batch, "c2": c2, "h2": h2, "w2": w2, "c3": c3, "h3": h3, "w3": w3,
-        "hidden": folded.hidden, "feature_dtype": _DTYPE_CODES[f2.dtype],
-        "compute_dtype": _DTYPE_CODES[compute_dtype], "negative_slope": folded.negative_slope,
-        "pool2_index": folded.pool2.index.data_ptr(), "pool2_weight": folded.pool2.weight.data_ptr(),
-        "pool2_columns": folded.pool2.columns, "pool2_width": folded.pool2.width,
-        "pool3_index": folded.pool3.index.data_ptr(), "pool3_weight": folded.pool3.weight.data_ptr(),
-        "pool3_columns": folded.pool3.columns, "pool3_width": folded.pool3.width,
-        **({} if tables is None else {"pool2_offset": tables[0].data_ptr(),
-                                      "pool2_neighbour": tables[1].data_ptr(),
-                                      "pool3_offset": tables[2].data_ptr(),
-                                      "pool3_neighbour": tables[3].data_ptr()}),
-        "up_y_i0": up_y[0].data_ptr(), "up_y_i1": up_y[1].data_ptr(), "up_y_lambda1": up_y[2].data_ptr(),
-        "up_x_i0": up_x[0].data_ptr(), "up_x_i1": up_x[1].data_ptr(), "up_x_lambda1": up_x[2].data_ptr(),
-        "layer2": f2.data_ptr(), "layer3": f3.data_ptr(),
-        "weight2": prepared.weight2.data_ptr(), "weight3": prepared.weight3.data_ptr(),
-        "bias": folded.bias.data_ptr(), "w_out": folded.w_out.data_ptr(),
-        "workspace": workspace.data_ptr(), "scores": scores.data_ptr(),
-    }
+    grid, alive = prepared.grid_params(h2, w2, h3, w3)  # `alive` until the kernel returns
+    params = dict(grid)
+    params.update(batch=batch, c2=c2, c3=c3, feature_dtype=_DTYPE_CODES[f2.dtype],
+                  compute_dtype=_DTYPE_CODES[compute_dtype], layer2=f2.data_ptr(),
+                  layer3=f3.data_ptr(), workspace=workspace.data_ptr(), scores=scores.data_ptr())
     if device.type == "cpu":
         module.fused_head_cpu(params)
     else:
         with torch.cuda.device(device):  # the runtime reads the current device (shared memory limit)
             module.fused_head_cuda(params, torch.cuda.current_stream(device).cuda_stream)
+    del alive
