@@ -92,8 +92,8 @@ def check_inputs(features: Sequence[Tensor], weights: Sequence[Tensor], pretrain
     check_features(features)
     device = features[0].device
     check_weights(weights, device)
-    if isinstance(pretrain_embed_dim, bool) or not isinstance(pretrain_embed_dim, int) \
-            or pretrain_embed_dim <= 0:
+    integer = isinstance(pretrain_embed_dim, (int, torch.SymInt)) and not isinstance(pretrain_embed_dim, bool)
+    if not integer or pretrain_embed_dim <= 0:
         raise ValueError(f"pretrain_embed_dim must be a positive int, got {pretrain_embed_dim!r}")
     for name, value, low in (("bn_eps", bn_eps, 0.0), ("negative_slope", negative_slope, -math.inf)):
         if not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
@@ -108,7 +108,7 @@ def check_inputs(features: Sequence[Tensor], weights: Sequence[Tensor], pretrain
     too_large = size_error(features)
     if too_large is not None:
         raise ValueError(too_large)
-    if any(w.requires_grad for w in features) and torch.is_grad_enabled():
+    if any(f.requires_grad for f in features) and torch.is_grad_enabled():
         raise ValueError("the fused head is inference-only: features require grad; "
                          "use fused=False to differentiate through the reference")
 

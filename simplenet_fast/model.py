@@ -7,6 +7,7 @@ function, `_device_forward`, shared by the eager path and the CUDA-graph path.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -271,7 +272,7 @@ class SimpleNet(nn.Module):
             self._channels_last = True
         forward = self._compiled_forward() if compile else self._device_forward
         outputs: list[tuple[Tensor, Tensor, Tensor]] = []
-        with _Progress(progress, images) as report, torch.inference_mode():
+        with _progress(progress, images) as report, torch.inference_mode():
             for batch in iter_batches(images, batch_size, self.image_size, self.resize):
                 if on_cuda:
                     batch = batch.pin_memory()
@@ -691,33 +692,20 @@ class _TrainingImages:
         return torch.stack(crops)
 
 
-class _Progress:
-    """`score`'s progress argument as a context: called with each batch's image count."""
-
-    def __init__(self, progress: bool | Callable[[int], Any] | None, images: Any):
-        self.bar = None
-        self.callback = None
-        if progress is True:
-            from tqdm.auto import tqdm
-            self.bar = tqdm(total=count_images(images), desc="scoring", unit="img")
-        elif callable(progress):
-            self.callback = progress
-        elif progress not in (None, False):
-            raise ValueError("progress must be True, False, None or a callable taking the number "
-                             f"of images scored, got {progress!r}")
-
-    def __call__(self, done: int) -> None:
-        if self.bar is not None:
-            self.bar.update(done)
-        elif self.callback is not None:
-            self.callback(done)
-
-    def __enter__(self) -> "_Progress":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bar is not None:
-            self.bar.close()
+@contextlib.contextmanager
+def _progress(progress: bool | Callable[[int], Any] | None, images: Any):
+    """`score`'s progress argument as a function called with each batch's image count."""
+    if progress is True:
+        from tqdm.auto import tqdm
+        with tqdm(total=count_images(images), desc="scoring", unit="img") as bar:
+            yield bar.update
+    elif callable(progress):
+        yield progress
+    elif progress is None or progress is False:
+        yield lambda done: None
+    else:
+        raise ValueError("progress must be True, False, None or a callable taking the number of "
+                         f"images scored, got {progress!r}")
 
 
 # ---------------------------------------------------------------------------------- module level

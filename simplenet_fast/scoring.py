@@ -56,8 +56,9 @@ class ScoringModule(nn.Module):
         else:
             expected, dtype = [3, size, size], torch.float32
         if images.dim() != 4 or list(images.shape[1:]) != expected or images.dtype != dtype:
-            raise ValueError(f"{self.input_format} input must be {dtype} [B, {', '.join(map(str, expected))}], "
-                             f"got {list(images.shape)} {images.dtype}")
+            shape = ", ".join(map(str, expected))
+            raise ValueError(f"{self.input_format} input must be {dtype} [B, {shape}], got "
+                             f"{list(images.shape)} {images.dtype}")
         if self.input_format == "uint8":
             x = normalise(images, model._mean, model._std)
         else:
