@@ -1,5 +1,6 @@
 """simplenet_fast: fast, faithful SimpleNet (CVPR 2023) image anomaly detection."""
 from ._native import build_info
+from . import ops  # registers torch.ops.simplenet_fast.* (the fused head as a PyTorch operator)
 from .head import SimpleNetHead
 from .model import AnomalyResult, SimpleNet, score
 from .postprocess import anomaly_map

@@ -1,13 +1,10 @@
 """Import of the compiled core, tolerant of its absence (STYLE.md: the package imports without it)."""
 from __future__ import annotations
 
-import functools
 import warnings
 
 
-@functools.lru_cache(maxsize=None)
-def native():
-    """The compiled module `simplenet_fast._C`, or None (with one warning) when it is missing."""
+def _load():
     try:
         from . import _C
     except ImportError as error:  # a source checkout without a build, or a broken install
@@ -16,6 +13,15 @@ def native():
                       stacklevel=2)
         return None
     return _C
+
+
+_MODULE = _load()
+
+
+def native():
+    """The compiled module `simplenet_fast._C`, or None (warned about once, at import) when it is
+    missing. A plain module attribute, so that torch.compile reads it without tracing a cache."""
+    return _MODULE
 
 
 def build_info() -> dict:

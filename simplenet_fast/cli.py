@@ -538,29 +538,11 @@ def _progress(total: int, desc: str, quiet: bool, unit: str = "img"):
 
 def _score_list(model, images: list, batch_size: int, quiet: bool, desc: str = "scoring",
                 map_size: Optional[str] = None):
-    """`model.score(images)` in chunks, with a progress bar; one AnomalyResult for all (maps of
-    different sizes as a list)."""
-    import torch
-
-    from .model import AnomalyResult
-
-    def join(values):
-        if all(isinstance(v, torch.Tensor) for v in values) \
-                and len({tuple(v.shape[1:]) for v in values}) == 1:
-            return torch.cat(values)
-        return [item for v in values for item in v]
-
-    parts = []
+    """`model.score(images)` in one call (one device synchronisation on CUDA), with a progress
+    bar that advances per batch (maps of different sizes come back as a list)."""
     with _progress(len(images), desc, quiet) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            parts.append(model.score(chunk, batch_size=batch_size, map_size=map_size))
-            bar.update(len(chunk))
-    fields = {}
-    for name in ("pred_score", "anomaly_map", "patch_scores", "pred_label", "pred_mask"):
-        values = [getattr(p, name) for p in parts]
-        fields[name] = None if values[0] is None else join(values)
-    return AnomalyResult(**fields)
+        return model.score(images, batch_size=batch_size, map_size=map_size,
+                           progress=bar.update)
 
 
 def _geometry_text(model) -> str:

@@ -9,6 +9,7 @@ shape become model inputs, and how maps go back to the images' pixels, is SPEC s
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import pickle
@@ -16,7 +17,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -28,8 +29,9 @@ from .geometry import (InputGeometry, Placement, Tiling, fill_unscored, mask_pad
                        mask_padding, real_pixel_mask, zero_padding)
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map, check_sigma
-from .preprocess import (PreparedImage, batched, decode, decoded_window, image_header_size,
-                         iter_prepared, iter_sources, model_input, normalise, prepare_image)
+from .preprocess import (PreparedImage, batched, count_images, decode, decoded_window,
+                         image_header_size, iter_prepared, iter_sources, model_input, normalise,
+                         prepare_image)
 
 FORMAT = "simplenet_fast"
 # 2: image_size stored as [H, W], plus resize_mode, tiling and epochs. Version 1 files (a square
@@ -200,6 +202,7 @@ class SimpleNet(nn.Module):
         self.register_buffer("_std", torch.tensor(self.backbone.std, dtype=torch.float32)
                              .view(1, 3, 1, 1), persistent=False)
         self._graphs: dict = {}
+        self._compiled = None  # score(compile=True)'s compiled _device_forward
         self._channels_last = False
         self.eval()
         if device is not None:
@@ -254,6 +257,7 @@ class SimpleNet(nn.Module):
     def _apply(self, fn, *args, **kwargs):
         # .to() / .cuda() / .float() move or replace tensors a captured graph points at.
         self._graphs.clear()
+        self._compiled = None
         return super()._apply(fn, *args, **kwargs)
 
     def _use_bf16(self) -> bool:
@@ -266,20 +270,29 @@ class SimpleNet(nn.Module):
 
         Pure tensor work on the device: no host synchronisation unless `check` (the NaN / Inf
         check of the scores) is True, so that it can be captured in a CUDA graph with
-        `check=False`. `fused=None` takes the compiled head when it has a kernel for
-        the features' device and dtype. `real`: None, or int64 `[B, 2]` on the device, the rows
-        and columns of each input that hold image pixels; the rest is padding, which is set to
-        the mean colour and kept out of the scores and the map (`geometry.mask_padding`).
+        `check=False`, and no graph break under torch.compile (`simplenet_fast.scoring`).
+        `fused=None` takes the compiled head when it has a kernel for the features' device and
+        dtype. `real`: None, or int64 `[B, 2]` on the device, the rows and columns of each input
+        that hold image pixels; the rest is padding, which is set to the mean colour and kept out
+        of the scores and the map (`geometry.mask_padding`).
         """
         x = normalise(batch, self._mean, self._std)
         if real is not None:
             x = zero_padding(x, real)
+        return self._normalised_forward(x, fused, check, real)
+
+    def _normalised_forward(self, x: Tensor, fused: bool | None = None, check: bool = True,
+                            real: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`_device_forward` from the normalised float inputs `[B, 3, H, W]` (padding zeroed)."""
         if self._use_bf16():
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 features = self.backbone(x)
         else:
-            features = self.backbone(x.contiguous())
+            # normalise's output is channels-last already: backbones that run in that layout
+            # take it without a copy (the Lite0 fast route converted NCHW back, two copies).
+            layout = torch.channels_last if self.backbone.channels_last_input else torch.contiguous_format
+            features = self.backbone(x.contiguous(memory_format=layout))
         compute = torch.bfloat16 if self._use_bf16() else torch.float32
         scores = self.head.patch_scores(features, fused=fused, compute_dtype=compute,
                                         check_finite=check).float()
@@ -335,7 +348,8 @@ class SimpleNet(nn.Module):
         return prepare_image(image, self.geometry, what, keep_image)
 
     def score(self, images: Any, batch_size: int = 32, fused: bool | None = None,
-              cuda_graph: bool = False, map_size: str | None = None) -> AnomalyResult:
+              cuda_graph: bool = False, map_size: str | None = None, compile: bool = False,
+              progress: bool | Callable[[int], Any] | None = None) -> AnomalyResult:
         """Score images (see `simplenet_fast.preprocess` for every accepted kind).
 
         Images are decoded and made into model inputs lazily, `batch_size` at a time (with
@@ -365,8 +379,16 @@ class SimpleNet(nn.Module):
             batch size in a `torch.cuda.CUDAGraph` and replay it; a last, smaller batch is padded
             to the captured size. Graphs are dropped when the model moves or its weights change.
             Ignored on the CPU.
+        compile: run the device path through `torch.compile(fullgraph=True)` (compiled on the
+            first call, in tens of seconds, and again for a new batch shape; kept with the model;
+            see `simplenet_fast.scoring`). Not together with cuda_graph.
+        progress: True shows a progress bar (tqdm, on stderr); a callable is called with the
+            number of images of each batch once it is scored (on CUDA: handed to the device,
+            which is synchronised once per call, at the end).
         """
         _check_int("batch_size", batch_size, 1)
+        if compile and cuda_graph:
+            raise ValueError("compile=True and cuda_graph=True are exclusive: pick one")
         if map_size is None:
             map_size = "input" if self.tiling is not None else "model"
         if map_size not in MAP_SIZES:
@@ -379,15 +401,15 @@ class SimpleNet(nn.Module):
             self._graphs.clear()  # the conversion replaces the backbone's weight tensors
             self.backbone.to(memory_format=torch.channels_last)
             self._channels_last = True
-        run = _BatchRunner(self, batch_size, fused, cuda_graph)
+        run = _BatchRunner(self, batch_size, fused, cuda_graph, compile)
         if self.tiling is not None:
-            with torch.inference_mode():
-                stitched = self._score_tiled(images, run)
+            with _progress(progress, images) as report, torch.inference_mode():
+                stitched = self._score_tiled(images, run, report)
             # assembled outside inference mode, as below
             amap, scored = _gather_maps([(m, s) for _, m, s in stitched])
             return self._result(None, torch.stack([score for score, _, _ in stitched]), amap,
                                 scored)
-        with torch.inference_mode():
+        with _progress(progress, images) as report, torch.inference_mode():
             outputs = []
             for chunk in batched(iter_prepared(images, self.geometry), batch_size):
                 placements = [p.placement for p in chunk]
@@ -398,6 +420,7 @@ class SimpleNet(nn.Module):
                 else:
                     amap = [(amap, _model_scored(placements, self.image_size, amap.device))]
                 outputs.append((patch_scores, pred_score, amap))
+                report(len(chunk))
         run.finish()
         # Concatenated outside inference mode: the result holds ordinary tensors that users can
         # modify in place.
@@ -411,10 +434,11 @@ class SimpleNet(nn.Module):
             amap, scored = _gather_maps(maps)
         return self._result(patch_scores, pred_score, amap, scored)
 
-    def _score_tiled(self, images: Any, run: "_BatchRunner"
+    def _score_tiled(self, images: Any, run: "_BatchRunner", report: Callable[[int], Any]
                      ) -> list[tuple[Tensor, Tensor, Optional[Tensor]]]:
         """`score` with tiling: windows of every image, `batch_size` at a time, stitched back;
-        (image score, map, scored mask or None) per image."""
+        (image score, map, scored mask or None) per image. `report` is called with the number
+        of images completed by each batch."""
         done: list[tuple[Tensor, Tensor, Optional[Tensor]]] = []
         open_images: deque = deque()
         inputs: list[Tensor] = []
@@ -426,8 +450,10 @@ class SimpleNet(nn.Module):
                 stitcher.add(top, left, placement, score, window_map)
             inputs.clear()
             placed.clear()
+            completed = len(done)
             while open_images and open_images[0].complete:
                 done.append(open_images.popleft().result())
+            report(len(done) - completed)
 
         for prepared in iter_prepared(images, self.geometry):
             stitcher = _Stitcher(prepared, self.device)
@@ -441,6 +467,13 @@ class SimpleNet(nn.Module):
             flush()
         run.finish()
         return done
+
+    def _compiled_forward(self):
+        """`_device_forward` through torch.compile(fullgraph=True), built once per model (and
+        again after it moves): dynamo's guards recompile it for a new batch shape or argument."""
+        if self._compiled is None:
+            self._compiled = torch.compile(self._device_forward, fullgraph=True)
+        return self._compiled
 
     def _graph_forward(self, batch: Tensor, batch_size: int, fused: bool | None,
                        real: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
@@ -981,11 +1014,13 @@ class _BatchRunner:
     one per batch); a captured graph cannot check at all.
     """
 
-    def __init__(self, model: SimpleNet, batch_size: int, fused: Optional[bool], cuda_graph: bool):
+    def __init__(self, model: SimpleNet, batch_size: int, fused: Optional[bool], cuda_graph: bool,
+                 compile: bool = False):
         self.model, self.batch_size, self.fused = model, batch_size, fused
         self.device = model.device
         self.on_cuda = self.device.type == "cuda"
         self.graph = cuda_graph and self.on_cuda
+        self.forward = model._compiled_forward() if compile else model._device_forward
         self.unchecked: list[Tensor] = []
 
     def __call__(self, inputs: list[Tensor], placements: Sequence[Optional[Placement]]
@@ -999,7 +1034,7 @@ class _BatchRunner:
             # straight from pinned host memory into the graph's static input
             out = self.model._graph_forward(batch, self.batch_size, self.fused, real)
         else:
-            out = self.model._device_forward(
+            out = self.forward(
                 batch.to(self.device, non_blocking=True), self.fused, check=not self.on_cuda,
                 real=None if real is None else real.to(self.device, non_blocking=True))
         if self.on_cuda:
@@ -1110,6 +1145,22 @@ def _over_threshold(maps: Maps, scored: Optional[Maps], threshold: float) -> Map
         return over if scored is None else over & scored
     scored = scored if scored is not None else [None] * len(maps)
     return [m > threshold if s is None else (m > threshold) & s for m, s in zip(maps, scored)]
+
+
+@contextlib.contextmanager
+def _progress(progress: bool | Callable[[int], Any] | None, images: Any):
+    """`score`'s progress argument as a function called with each batch's image count."""
+    if progress is True:
+        from tqdm.auto import tqdm
+        with tqdm(total=count_images(images), desc="scoring", unit="img") as bar:
+            yield bar.update
+    elif callable(progress):
+        yield progress
+    elif progress is None or progress is False:
+        yield lambda done: None
+    else:
+        raise ValueError("progress must be True, False, None or a callable taking the number of "
+                         f"images scored, got {progress!r}")
 
 
 # ---------------------------------------------------------------------------------- module level

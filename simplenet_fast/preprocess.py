@@ -513,6 +513,21 @@ def iter_batches(images: Any, batch_size: int, image_size: Any = 288, resize: Op
         yield torch.stack(inputs)
 
 
+def count_images(images: Any) -> int | None:
+    """How many images `images` holds when that is known without decoding or consuming anything
+    (single images, 4-D tensors, lists of them); None for folders, nested lists and iterables."""
+    count = 0
+    for item in images if isinstance(images, (list, tuple)) else [images]:
+        if isinstance(item, Tensor) and item.dim() == 4:
+            count += item.shape[0]
+        elif isinstance(item, (Image.Image, np.ndarray, Tensor)) or (
+                isinstance(item, (str, os.PathLike)) and not os.path.isdir(item)):
+            count += 1
+        else:
+            return None
+    return count
+
+
 def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     """uint8 `[B, H, W, 3]` -> float `[B, 3, H, W]`: `(x / 255 - mean) / std`, on the batch's device.
 
@@ -525,5 +540,5 @@ def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 __all__ = ["preprocess_image", "prepare_image", "PreparedImage", "decode", "model_input",
            "image_header_size", "iter_sources", "iter_prepared", "iter_batches", "batched",
-           "image_files",
-           "image_paths", "normalise", "resized_size", "crop_offset", "IMAGE_EXTENSIONS"]
+           "count_images", "image_files", "image_paths", "normalise", "resized_size",
+           "crop_offset", "IMAGE_EXTENSIONS"]

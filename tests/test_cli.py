@@ -399,6 +399,24 @@ def test_eval_of_a_saved_model_matches_its_scores(trained, tmp_path, capsys):
     assert row["train_s"] == "" and row["n_train"] == ""  # not trained here
 
 
+def test_eval_scores_in_one_call_with_progress_per_batch(trained, tmp_path, monkeypatch, capsys):
+    """The progress bar advances per batch inside one `score` call (one device sync on CUDA)."""
+    category = mvtec_category(tmp_path / "cat", seed=4)
+    calls = []
+    original = SimpleNet.score
+
+    def spy(self, images, **kwargs):
+        steps = []
+        result = original(self, images, **{**kwargs, "progress": lambda n: (steps.append(n), kwargs["progress"](n))})
+        calls.append((len(images), kwargs["batch_size"], steps))
+        return result
+
+    monkeypatch.setattr(SimpleNet, "score", spy)
+    assert main(["eval", str(category), "--model", str(trained), "--score-batch-size", "4"]) == EXIT_OK
+    assert calls == [(6, 4, [4, 2])]
+    assert "6/6" in capsys.readouterr().err  # the bar reached the total
+
+
 def test_eval_root_of_categories(tmp_path, trained, capsys):
     root = tmp_path / "mvtec"
     mvtec_category(root / "a", seed=1)

@@ -7,7 +7,8 @@ exception type, no NaN, no crash). The oracle for the head is the reference eval
 not merely equal to a float32 reference that may itself have overflowed.
 
 Entry points: `SimpleNetHead.patch_scores` (fused=None / True / False), `_fused.fused_patch_scores`
-(the one checked entry into csrc/, with `out=` and `compute_dtype=`), `SimpleNet.score`,
+(the one checked entry into csrc/, with `out=` and `compute_dtype=`), the registered operator
+`torch.ops.simplenet_fast.patch_scores` with every argument mutated, `SimpleNet.score`,
 `simplenet_fast.score`, `preprocess_image` on damaged files and `SimpleNet.load` on damaged
 models. Run under ASan + UBSan by `.ci/sanitize.sh tests/test_fused.py tests/test_fuzz.py`.
 
@@ -293,6 +294,78 @@ def test_fused_entry_point_checks_out_and_compute_dtype(device, config, batch, g
     assert not (bad_out or bad_compute), "bad arguments were accepted"
     if out is not None:
         assert scores.data_ptr() == out.data_ptr()
+    if batch:
+        tol = 2e-2 if compute == torch.bfloat16 else FLOAT32_TOL  # SPEC 6
+        assert_matches(scores, oracle(head64, features), tol)
+
+
+# ------------------------------------------------------------------- the registered operator
+OP_MUTATIONS = ["none", "none", "none", "weight_shape", "weight_dtype", "weight_nan", "feature_dtype",
+                "feature_nan", "feature_grad", "bn_eps", "pretrain", "compute_dtype", "unchecked_nan"]
+
+
+@needs_compiled
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(100)
+@given(config=head_configs, batch=st.integers(0, 3), grid2=grids, grid3=grids,
+       mutation=st.sampled_from(OP_MUTATIONS), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_operator_gives_the_reference_answer_or_a_clear_error(device, config, batch, grid2, grid3,
+                                                              mutation, seed, data):
+    """`torch.ops.simplenet_fast.patch_scores` called directly, as a user's exported program
+    would: every argument it takes, mutated one at a time."""
+    CASES["patch_scores operator"] += 1
+    head, head64 = make_head(*config)
+    head = head.to(device)
+    g = torch.Generator().manual_seed(seed)
+    features = [torch.rand(batch, c, *grid, generator=g).to(device)
+                for c, grid in zip(head.channels, (grid2, grid3))]
+    weights = [w.detach().clone() for w in head.operator_weights()]
+    pretrain, eps, slope, compute, check = head.pretrain_embed_dim, 1e-5, 0.2, torch.float32, True
+    expected = None
+    if mutation == "weight_shape":
+        i = data.draw(st.integers(0, len(weights) - 1))
+        weights[i] = weights[i][..., :-1] if weights[i].shape[-1] > 1 else weights[i][None]
+        expected = "must be \\["
+    elif mutation == "weight_dtype":
+        i = data.draw(st.integers(0, len(weights) - 1))
+        weights[i] = weights[i].to(data.draw(st.sampled_from([torch.int32, torch.int64, torch.bool])))
+        expected = "must be a dense floating point tensor"
+    elif mutation == "weight_nan":
+        weights[data.draw(st.integers(0, len(weights) - 1))].view(-1)[0] = float("nan")
+        expected = "produced NaN or Inf" if batch else None  # nothing to score, nothing wrong
+    elif mutation == "feature_dtype":
+        dtype = data.draw(st.sampled_from([torch.float64, torch.float16]))
+        features = [f.to(dtype) for f in features]
+        expected = "no kernel for"
+    elif mutation == "feature_nan" and batch:
+        features[0].view(-1)[data.draw(st.integers(0, features[0].numel() - 1))] = float("nan")
+        expected = "features contain NaN or Inf"
+    elif mutation == "feature_grad":
+        features[1].requires_grad_(True)
+        expected = "inference-only"
+    elif mutation == "bn_eps":
+        eps = data.draw(st.sampled_from([-1e-3, float("nan"), float("inf")]))
+        expected = "bn_eps must be a finite number >= 0"
+    elif mutation == "pretrain":
+        pretrain = data.draw(st.sampled_from([0, -3]))
+        expected = "pretrain_embed_dim must be a positive int"
+    elif mutation == "compute_dtype":
+        compute = data.draw(st.sampled_from([torch.float16, torch.float64, torch.bfloat16]))
+        if compute not in _fused._COMPUTE_DTYPES[device]:
+            expected = "compute_dtype must be one of"
+    elif mutation == "unchecked_nan" and batch:
+        features[0].view(-1)[0] = float("nan")
+        check = False
+    arguments = (*features, *weights, pretrain, eps, slope, compute, check)
+    if expected is not None:
+        with pytest.raises(ValueError, match=expected):
+            torch.ops.simplenet_fast.patch_scores(*arguments)
+        return
+    scores = torch.ops.simplenet_fast.patch_scores(*arguments)
+    assert scores.shape == (batch, *grid2) and scores.dtype == torch.float32
+    assert scores.device.type == device
+    if mutation == "unchecked_nan" and batch:
+        return  # check_finite=False (for CUDA-graph capture): the caller checks afterwards
     if batch:
         tol = 2e-2 if compute == torch.bfloat16 else FLOAT32_TOL  # SPEC 6
         assert_matches(scores, oracle(head64, features), tol)

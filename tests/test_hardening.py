@@ -444,14 +444,14 @@ def run_threads(work, n: int) -> list:
 
 
 def test_threads_scoring_with_one_model_match_one_thread_bit_for_bit():
-    """Four threads share one model (and its fold cache, emptied first so that they all race to
+    """Four threads share one model (and the fold cache, emptied first so that they all race to
     build it); each gets exactly what the same call gives on a thread of its own."""
     model = tiny_model()
     rng = np.random.RandomState(0)
     inputs = [[rng.randint(0, 256, (40, 44 + i, 3), dtype=np.uint8) for _ in range(3)] for i in range(4)]
     alone = [run_threads(lambda _: model.score(images, batch_size=2), 1)[0] for images in inputs]
     for _ in range(3):
-        model.head._fold_cache.clear()
+        _fused._CACHE.clear()
         together = run_threads(lambda i: model.score(inputs[i], batch_size=2), 4)
         for a, b in zip(alone, together):
             for field in ("pred_score", "anomaly_map", "patch_scores"):

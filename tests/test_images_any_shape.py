@@ -237,6 +237,16 @@ def test_tiles_covering_the_image_once_equal_scoring_the_crops(generator):
                                    rtol=1e-6, atol=1e-6)
 
 
+def test_tiled_progress_counts_each_image_once_when_its_last_window_is_scored(generator):
+    model = random_model(TinyBackbone(), generator, image_size=32, tiling=(32, 16))
+    images = [torch.randint(0, 256, (h, w, 3), dtype=torch.uint8, generator=generator).numpy()
+              for h, w in ((48, 40), (20, 21), (32, 64))]   # 4, 1 and 3 windows
+    seen = []
+    model.score(images, batch_size=3, progress=seen.append)
+    assert sum(seen) == 3 and len(seen) == 3   # 8 windows in batches of 3
+    assert seen == [0, 2, 1]                   # the first image completes in the second batch
+
+
 def test_overlapping_tiles_average_and_small_images_pad(generator):
     model = random_model(TinyBackbone(), generator, image_size=32, tiling=(32, 16))
     image = random_images(generator, 1, 48, 49)[0][:48, :40]   # windows: rows 0,16; cols 0,8

@@ -79,6 +79,8 @@ class FeatureExtractor(nn.Module):
       mean, std  per-channel input normalisation for images scaled to [0, 1]
       weights_id `"imagenet"`, `"random"`, `"file:<sha256>"` or `"custom"` (a user module's own)
       defaults   its recommended `BackboneDefaults` (None: the paper's, WideResNet-50-2's)
+      channels_last_input  True when forward runs fastest on channels-last images: `SimpleNet`
+                 then hands over its normalised images in that memory order, without a copy
     """
 
     name: str | None = None
@@ -88,6 +90,7 @@ class FeatureExtractor(nn.Module):
     std: tuple[float, float, float] = IMAGENET_STD
     weights_id: str = "random"
     defaults: Optional[BackboneDefaults] = None
+    channels_last_input: bool = False
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always eval: BatchNorm must keep its pretrained statistics (SPEC 3), whatever a caller's

@@ -181,6 +181,7 @@ class EfficientNetLite0Features(FeatureExtractor):
     mean = LITE_MEAN
     std = LITE_STD
     defaults = DEFAULTS
+    channels_last_input = True  # the fast route's layout: normalised crops come in it as they are
 
     def __init__(self):
         super().__init__()
