@@ -7,6 +7,7 @@ function, `_device_forward`, shared by the eager path and the CUDA-graph path.
 """
 from __future__ import annotations
 
+import copy
 import math
 import os
 import pickle
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._precision import check_precision, resolve_precision
 from .backbones import build_backbone
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map, check_sigma
@@ -32,9 +34,9 @@ ADAPTOR_LR, ADAPTOR_WEIGHT_DECAY = 1e-4, 0.01        # AdamW
 DISCRIMINATOR_LR, DISCRIMINATOR_WEIGHT_DECAY = 2e-4, 1e-5  # Adam
 
 DEFAULT_FEATURE_CACHE_BYTES = 2 * 1024**3
-_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PUBLISHED_WEIGHTS = ("imagenet",)  # weights a registry backbone rebuilds by name: not stored
 _MAX_GRAPHS = 4  # captured CUDA graphs kept per model (each holds its own memory pool)
+_BFLOAT16_BACKBONE_LOCK = threading.Lock()  # SimpleNet._bfloat16_backbone: one copy per model
 # Bounds on what a model (and so a model file) may declare: sizes that drive allocations no
 # tensor in the file accounts for. MAX_SIDE: image_size and resize (the paper uses 288 / 329);
 # MAX_PRETRAIN_EMBED_DIM: the fold's pooling matrices are [P, C*9] float64 (1.2 GB at 16384 with
@@ -82,10 +84,17 @@ class SimpleNet(nn.Module):
         pretrain_embed_dim, target_embed_dim, hidden: head sizes (SPEC 1.5, 1.6, 1.8).
         noise_std, margin: training noise and loss margin (SPEC 2).
         sigma: Gaussian blur of the anomaly map (SPEC 1.10); 0 disables it.
-        precision: "float32", or "bfloat16" (CUDA only): the backbone then runs under
-            `torch.autocast(bfloat16)` in channels-last layout and the fused head computes in
-            bfloat16 (SPEC 6: within 2e-2 relative of float32). On the CPU it is ignored and
-            float32 is used. Training (`fit`) is always float32.
+        precision: "float32", "bfloat16" or "auto" (`simplenet_fast._precision`). "bfloat16" runs
+            the backbone in bfloat16, channels-last, where the device has bf16 arithmetic: on
+            CUDA (compute capability 8.0 on) under `torch.autocast`, with the fused head's GEMMs
+            in bf16 on tensor cores; on a CPU with AVX512-BF16 or AMX-BF16 as a bf16 copy of the
+            backbone (made once per weight state), whose maps the fused head widens to float32.
+            Elsewhere it runs float32, with a one-time warning. "auto" is bf16 where that is
+            native and the backbone is faster in it (WideResNet-50-2: about 2x on such CPUs;
+            not EfficientNet-Lite0), float32 otherwise. SPEC 6: bf16 scores are within 2e-2
+            relative of float32. Training (`fit`) is always float32. Saved with the model;
+            `model.precision` may be changed at any time, `score(precision=...)` per call, and
+            `model.compute_precision` says what the setting resolves to on the model's device.
         device: where to put the model (None: the CPU). `model.to(...)` works too.
 
     Attributes:
@@ -125,8 +134,7 @@ class SimpleNet(nn.Module):
             if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         check_sigma(sigma, (image_size, image_size))  # the rule anomaly_map applies to the map
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         self.backbone = build_backbone(backbone, weights=weights)
         self.head = SimpleNetHead(self.backbone.channels, pretrain_embed_dim, target_embed_dim, hidden)
         self.image_size = int(image_size)
@@ -144,6 +152,7 @@ class SimpleNet(nn.Module):
                              .view(1, 3, 1, 1), persistent=False)
         self._graphs: dict = {}
         self._channels_last = False
+        self._bfloat16_backbone_cache: tuple | None = None  # (weights state, module), CPU bf16
         self.eval()
         if device is not None:
             self.to(device)
@@ -170,31 +179,75 @@ class SimpleNet(nn.Module):
         }
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .float() move or replace tensors a captured graph points at.
+        # .to() / .cuda() / .float() move or replace tensors a captured graph points at, and the
+        # backbone the bf16 copy was made from.
         self._graphs.clear()
+        self._bfloat16_backbone_cache = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _use_bf16(self) -> bool:
-        return self.precision == "bfloat16" and self.device.type == "cuda"
+    @property
+    def precision(self) -> str:
+        """The precision setting: "float32", "bfloat16" or "auto" (see the class doc)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
+
+    @property
+    def compute_precision(self) -> str:
+        """What `precision` resolves to on the model's device: "float32" or "bfloat16"."""
+        return self._compute_precision(None)
+
+    def _compute_precision(self, requested: str | None) -> str:
+        requested = self._precision if requested is None else check_precision(requested)
+        return resolve_precision(requested, self.device, self.backbone)
+
+    def _bfloat16_backbone(self) -> nn.Module:
+        """The backbone as a bfloat16, channels-last copy, for bf16 inference on the CPU.
+
+        oneDNN's fast bf16 convolutions want bf16 weights and channels-last activations; casting
+        WideResNet's 25M weights on every call, as autocast does, took 11 ms on 2 cores. The copy
+        is made once per weight state (a reloaded or edited backbone gets a new one); it is no
+        submodule, so it is neither saved nor trained, and `fit` keeps the float32 backbone
+        (SPEC 2 training is float32). It costs half the backbone's float32 memory (50 MB for
+        WideResNet-50-2 to layer3).
+        """
+        backbone = self.backbone
+        state = tuple((t.data_ptr(), t._version) for t in (*backbone.parameters(), *backbone.buffers()))
+        with _BFLOAT16_BACKBONE_LOCK:  # threads sharing a model make one copy
+            cached = self._bfloat16_backbone_cache
+            if cached is None or cached[0] != state:
+                # ordinary tensors even when called under inference_mode, so that the copy serves
+                # any later caller
+                with torch.inference_mode(False), torch.no_grad():
+                    twin = copy.deepcopy(backbone).to(torch.bfloat16, memory_format=torch.channels_last)
+                cached = self._bfloat16_backbone_cache = (state, twin)
+        return cached[1]
 
     # ------------------------------------------------------------------------------ inference
-    def _device_forward(self, batch: Tensor, fused: bool | None = None, check: bool = True
-                        ) -> tuple[Tensor, Tensor, Tensor]:
+    def _device_forward(self, batch: Tensor, fused: bool | None = None, check: bool = True,
+                        precision: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
         """uint8 `[B, S, S, 3]` on the model's device -> (patch_scores, pred_score, anomaly_map).
 
         Pure tensor work on the device: no host synchronisation unless `check` (the NaN / Inf
         check of the scores) is True, so that it can be captured in a CUDA graph with
         `check=False`. `fused=None` takes the compiled head when it has a kernel for
-        the features' device and dtype.
+        the features' device and dtype. `precision`: "float32" or "bfloat16" as resolved by
+        `_compute_precision` (None: the model's setting).
         """
+        bf16 = (precision or self.compute_precision) == "bfloat16"
+        on_cuda = batch.device.type == "cuda"
         x = normalise(batch, self._mean, self._std)
-        if self._use_bf16():
+        if bf16 and on_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 features = self.backbone(x)
+        elif bf16:
+            features = self._bfloat16_backbone()(x.to(torch.bfloat16, memory_format=torch.channels_last))
         else:
             features = self.backbone(x.contiguous())
-        compute = torch.bfloat16 if self._use_bf16() else torch.float32
+        compute = torch.bfloat16 if bf16 and on_cuda else torch.float32
         scores = self.head.patch_scores(features, fused=fused, compute_dtype=compute,
                                         check_finite=check).float()
         pred_score = scores.amax(dim=(1, 2))
@@ -221,7 +274,7 @@ class SimpleNet(nn.Module):
                              threshold_source=threshold_source(self))
 
     def score(self, images: Any, batch_size: int = 32, fused: bool | None = None,
-              cuda_graph: bool = False) -> AnomalyResult:
+              cuda_graph: bool = False, precision: str | None = None) -> AnomalyResult:
         """Score images (see `simplenet_fast.preprocess` for every accepted kind).
 
         Images are decoded and cropped lazily, `batch_size` at a time, so a list of 10,000 paths
@@ -239,13 +292,16 @@ class SimpleNet(nn.Module):
             batch size in a `torch.cuda.CUDAGraph` and replay it; a last, smaller batch is padded
             to the captured size. Graphs are dropped when the model moves or its weights change.
             Ignored on the CPU.
+        precision: this call's precision, "float32", "bfloat16" or "auto"; None (default) uses
+            `model.precision`. A model trained in float32 scores in bf16 as it is.
         """
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         device = self.device
         on_cuda = device.type == "cuda"
+        precision = self._compute_precision(precision)
         self.head.eval()
-        if self._use_bf16() and not self._channels_last:
+        if precision == "bfloat16" and on_cuda and not self._channels_last:
             self._graphs.clear()  # the conversion replaces the backbone's weight tensors
             self.backbone.to(memory_format=torch.channels_last)
             self._channels_last = True
@@ -256,12 +312,12 @@ class SimpleNet(nn.Module):
                     batch = batch.pin_memory()
                 if cuda_graph and on_cuda:
                     # straight from pinned host memory into the graph's static input
-                    out = self._graph_forward(batch, batch_size, fused)
+                    out = self._graph_forward(batch, batch_size, fused, precision)
                 else:
                     # On CUDA the finiteness check waits for the end (one host sync per call,
                     # not one per batch); a captured graph cannot check at all.
                     out = self._device_forward(batch.to(device, non_blocking=True), fused,
-                                               check=not on_cuda)
+                                               check=not on_cuda, precision=precision)
                 outputs.append(out)
         # Concatenated outside inference mode: the result holds ordinary tensors that users can
         # modify in place.
@@ -270,17 +326,19 @@ class SimpleNet(nn.Module):
             check_scores(patch_scores)  # SPEC 6: NaN never passes, graphs included
         return self._result(patch_scores, pred_score, amap)
 
-    def _graph_forward(self, batch: Tensor, batch_size: int, fused: bool | None
-                       ) -> tuple[Tensor, Tensor, Tensor]:
-        """`_device_forward` through a CUDA graph captured for a fixed batch shape.
+    def _graph_forward(self, batch: Tensor, batch_size: int, fused: bool | None,
+                       precision: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
+        """`_device_forward` through a CUDA graph captured for a fixed batch shape and precision.
 
         `batch`: at most `batch_size` uint8 crops, pinned on the host or on the device. Graphs are
         captured for `batch_size`; a smaller batch is zero-padded into that graph, except when no
         graph of that size exists yet (an input shorter than one batch), which gets its own.
         """
         n = batch.shape[0]
-        size = batch_size if n == batch_size or self._graph_key(batch_size, fused) in self._graphs else n
-        key = self._graph_key(size, fused)
+        precision = precision or self.compute_precision
+        size = (batch_size if n == batch_size
+                or self._graph_key(batch_size, fused, precision) in self._graphs else n)
+        key = self._graph_key(size, fused, precision)
         weights = self.head.weights_state()
         entry = self._graphs.get(key)
         if entry is None or entry[0] != weights:
@@ -288,7 +346,7 @@ class SimpleNet(nn.Module):
             self._graphs.pop(key, None)
             while len(self._graphs) >= _MAX_GRAPHS:
                 del self._graphs[next(iter(self._graphs))]
-            entry = (weights, *self._capture(size, fused))
+            entry = (weights, *self._capture(size, fused, precision))
             self._graphs[key] = entry
         _, graph, static_in, static_out = entry
         static_in[:n].copy_(batch, non_blocking=True)
@@ -298,10 +356,10 @@ class SimpleNet(nn.Module):
         # Clones are queued on the same stream after the replay: no host synchronisation.
         return tuple(t[:n].clone() for t in static_out)
 
-    def _graph_key(self, size: int, fused: bool | None) -> tuple:
-        return (size, fused, self.precision, str(self.device))
+    def _graph_key(self, size: int, fused: bool | None, precision: str) -> tuple:
+        return (size, fused, precision, str(self.device))
 
-    def _capture(self, batch_size: int, fused: bool | None):
+    def _capture(self, batch_size: int, fused: bool | None, precision: str):
         # The first graph checks the features once, eagerly, outside the capture.
         size = self.image_size
         static_in = torch.zeros(batch_size, size, size, 3, dtype=torch.uint8, device=self.device)
@@ -309,12 +367,12 @@ class SimpleNet(nn.Module):
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             # Warm-up on a side stream (PyTorch's recipe): lazy inits, cached folds, kernels.
-            self._device_forward(static_in, fused, check=True)
-            self._device_forward(static_in, fused, check=False)
+            self._device_forward(static_in, fused, check=True, precision=precision)
+            self._device_forward(static_in, fused, check=False, precision=precision)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self._device_forward(static_in, fused, check=False)
+            static_out = self._device_forward(static_in, fused, check=False, precision=precision)
         return graph, static_in, static_out
 
     # ------------------------------------------------------------------------------ training

@@ -42,8 +42,8 @@ class CustomBackbone(FeatureExtractor):
     """A user module behind the `FeatureExtractor` contract.
 
     The module must map `[B, 3, H, W]` to a list or tuple of two maps, `[B, C2, H/8, W/8]` and
-    `[B, C3, H/16, W/16]`. `channels` (and `strides`, `mean`, `std`) are taken from attributes of
-    the same names on the module when it has them; otherwise channels come from one dry run on a
+    `[B, C3, H/16, W/16]`. `channels` (and `strides`, `mean`, `std`, `bfloat16_faster_on`) are
+    taken from attributes of the same names on the module when it has them; otherwise channels come from one dry run on a
     128x128 input on the module's device, which also checks the strides. Wrapping freezes the
     module in place (eval mode, requires_grad False).
     """
@@ -54,7 +54,7 @@ class CustomBackbone(FeatureExtractor):
         self.name = None
         self.weights_id = weights_id
         self._freeze()
-        for attr in ("strides", "mean", "std"):
+        for attr in ("strides", "mean", "std", "bfloat16_faster_on"):
             if hasattr(module, attr):
                 setattr(self, attr, tuple(getattr(module, attr)))
         channels = getattr(module, "channels", None)

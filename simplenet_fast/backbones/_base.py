@@ -29,6 +29,9 @@ class FeatureExtractor(nn.Module):
       strides    (8, 16)
       mean, std  per-channel input normalisation for images scaled to [0, 1]
       weights_id `"imagenet"`, `"random"`, `"file:<sha256>"` or `"custom"` (a user module's own)
+      bfloat16_faster_on  device types ("cpu", "cuda") where running this backbone in bfloat16
+                 was measured faster than float32: `precision="auto"` picks bf16 there only
+                 (simplenet_fast._precision); empty for a user module (unknown)
     """
 
     name: str | None = None
@@ -37,6 +40,7 @@ class FeatureExtractor(nn.Module):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights_id: str = "random"
+    bfloat16_faster_on: tuple[str, ...] = ()
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always eval: BatchNorm must keep its pretrained statistics (SPEC 3), whatever a caller's

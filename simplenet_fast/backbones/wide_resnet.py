@@ -120,6 +120,10 @@ class WideResNet50_2Features(FeatureExtractor):
     strides = (8, 16)
     mean = IMAGENET_MEAN
     std = IMAGENET_STD
+    # Dense 3x3 and 1x1 convolutions, nearly all of a SimpleNet call: on an AVX512-BF16 CPU,
+    # 288 px, batch 1, two threads, 103-107 ms in bf16 against 212 ms in float32 channels-last
+    # (issue #16); on CUDA bf16 tensor cores (bench/bench_gpu_e2e.py times both precisions).
+    bfloat16_faster_on = ("cpu", "cuda")
 
     def __init__(self):
         super().__init__()
