@@ -722,29 +722,94 @@ class _TrainingImages:
 
 
 # ---------------------------------------------------------------------------------- module level
+MODEL_ENV = "SIMPLENET_FAST_MODEL"
+NO_MODEL_MESSAGE = (
+    "simplenet_fast.score(images) has no model to use: call simplenet_fast.use(model_or_path) "
+    f"once, or set the environment variable {MODEL_ENV} to the path of a saved model "
+    "(`simplenet-fast train` makes one); or pass model=...")
+
 _LOADED: dict = {}
 _LOADED_LOCK = threading.Lock()
 _LOADED_MAX = 4
+_DEFAULT: "SimpleNet | tuple[str, str | None] | None" = None  # what use() set: a model or (path, device)
+_DEFAULT_LOCK = threading.Lock()
 
 
-def score(images: Any, model: "SimpleNet | str | os.PathLike", device: torch.device | str | None = None,
-          **kwargs) -> AnomalyResult:
+def use(model: "SimpleNet | str | os.PathLike | None", device: torch.device | str | None = None
+        ) -> "SimpleNet | None":
+    """Set the model that `score(images)` uses when called without `model=`; returns it.
+
+    `model` is a `SimpleNet` or the path of a saved one (loaded now, so that a bad file fails
+    here, through the same cache as `score`; a file rewritten later is loaded again when next
+    used). `device` applies to a path, as in `score`. `use(None)` clears the setting, and `score`
+    falls back to the `SIMPLENET_FAST_MODEL` environment variable again. Thread-safe; the setting
+    is shared by all threads of the process.
+    """
+    global _DEFAULT
+    if model is None or isinstance(model, SimpleNet):
+        if device is not None:
+            raise ValueError("device applies to a model path; move the SimpleNet with .to() instead")
+        default, loaded = model, model
+    else:
+        _check_model_path(model)
+        default = (os.path.realpath(model), None if device is None else str(torch.device(device)))
+        loaded = _load_cached(os.fspath(model), device)
+    with _DEFAULT_LOCK:
+        _DEFAULT = default
+    return loaded
+
+
+def score(images: Any, model: "SimpleNet | str | os.PathLike | None" = None,
+          device: torch.device | str | None = None, **kwargs) -> AnomalyResult:
     """Score images with a `SimpleNet` or the path of a saved one.
 
-    Loaded models are cached by (real path, modification time, size, device), so calling this in
-    a loop loads the file once; a rewritten file is loaded again. `device` applies to paths only
-    (default: the CPU). Other keyword arguments go to `SimpleNet.score`.
+    Without `model`, the default model: the one set by `simplenet_fast.use(model_or_path)`, else
+    the path in the `SIMPLENET_FAST_MODEL` environment variable (read at every call); with
+    neither, a ValueError says how to set one. Loaded models are cached by (real path,
+    modification time, size, device), so calling this in a loop loads the file once; a rewritten
+    file is loaded again. `device` applies to paths only (default: the CPU, or the device given
+    to `use`). Other keyword arguments (`batch_size`, `fused`, `cuda_graph`, `precision`) go to
+    `SimpleNet.score`. Thread-safe.
     """
+    if model is None:
+        model, default_device = _default_model()
+        device = default_device if device is None else device
     if isinstance(model, SimpleNet):
         if device is not None:
             raise ValueError("device applies to a model path; move the SimpleNet with .to() instead")
         return model.score(images, **kwargs)
+    _check_model_path(model)
+    return _load_cached(os.fspath(model), device).score(images, **kwargs)
+
+
+def _default_model() -> "tuple[SimpleNet | str, str | None]":
+    """(model or path, device) that `score` uses without `model=`; see `score`."""
+    with _DEFAULT_LOCK:
+        default = _DEFAULT
+    if isinstance(default, SimpleNet):
+        return default, None
+    if default is not None:
+        return default
+    path = os.environ.get(MODEL_ENV, "")
+    if not path:
+        raise ValueError(NO_MODEL_MESSAGE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the environment variable {MODEL_ENV} names the model file "
+                                f"{path!r}, which does not exist")
+    return path, None
+
+
+def _check_model_path(model: Any) -> None:
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a SimpleNet or the path of a saved one, got "
                         f"{type(model).__name__}")
-    path = os.path.realpath(os.fspath(model))
-    if not os.path.isfile(path):
+    if not os.path.isfile(model):
         raise FileNotFoundError(f"model file {os.fspath(model)!r} does not exist")
+
+
+def _load_cached(path: str, device: torch.device | str | None) -> SimpleNet:
+    """`SimpleNet.load(path, device)` through the cache of loaded models (see `score`)."""
+    path = os.path.realpath(path)
     stat = os.stat(path)
     key = (path, stat.st_mtime_ns, stat.st_size, str(torch.device(device or "cpu")))
     with _LOADED_LOCK:
@@ -756,7 +821,7 @@ def score(images: Any, model: "SimpleNet | str | os.PathLike", device: torch.dev
             while len(_LOADED) >= _LOADED_MAX:
                 del _LOADED[next(iter(_LOADED))]
             _LOADED[key] = loaded
-    return loaded.score(images, **kwargs)
+    return loaded
 
 
-__all__ = ["SimpleNet", "AnomalyResult", "score"]
+__all__ = ["SimpleNet", "AnomalyResult", "score", "use"]
