@@ -115,8 +115,9 @@ def _precision_option(group, default_help: str) -> None:
                        help="auto: bfloat16 where the device computes it natively and the backbone "
                             "is faster in it (WideResNet-50-2 on CPUs with AVX512-BF16 or AMX, and "
                             "on bf16 GPUs), else float32; bfloat16: the backbone in bf16 where "
-                            "native, float32 with a warning elsewhere; float32. Scores in bf16 "
-                            f"are within 2%% of float32 ({default_help})")
+                            "native, float32 with a warning elsewhere and for efficientnet_lite0 "
+                            "(too inaccurate in bf16); float32. Scores in bf16 are within 2%% of "
+                            f"float32 ({default_help})")
 
 
 def _per_backbone(key: str) -> str:

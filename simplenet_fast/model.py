@@ -89,10 +89,10 @@ class SimpleNet(nn.Module):
             CUDA (compute capability 8.0 on) under `torch.autocast`, with the fused head's GEMMs
             in bf16 on tensor cores; on a CPU with AVX512-BF16 or AMX-BF16 as a bf16 copy of the
             backbone (made once per weight state), whose maps the fused head widens to float32.
-            Elsewhere it runs float32, with a one-time warning. "auto" is bf16 where that is
-            native and the backbone is faster in it (WideResNet-50-2: about 2x on such CPUs;
-            not EfficientNet-Lite0), float32 otherwise. SPEC 6: bf16 scores are within 2e-2
-            relative of float32. Training (`fit`) is always float32. Saved with the model;
+            Elsewhere, and for a backbone whose bf16 answer is off SPEC 6 (EfficientNet-Lite0),
+            it runs float32, with a one-time warning. "auto" is bf16 where that is native,
+            within SPEC 6 and faster for the backbone (WideResNet-50-2: about 2x on such CPUs),
+            float32 otherwise. SPEC 6: bf16 scores are within 2e-2 relative of float32. Training (`fit`) is always float32. Saved with the model;
             `model.precision` may be changed at any time, `score(precision=...)` per call, and
             `model.compute_precision` says what the setting resolves to on the model's device.
         device: where to put the model (None: the CPU). `model.to(...)` works too.

@@ -39,7 +39,7 @@ def force_native_bfloat16(monkeypatch):
 @pytest.fixture
 def no_native_bfloat16(monkeypatch):
     monkeypatch.setattr(_precision, "cpu_has_native_bfloat16", lambda: False)
-    monkeypatch.setattr(_precision, "_warned", False)  # the one-time warning, as in a new process
+    monkeypatch.setattr(_precision, "_warned", set())  # the one-time warnings, as in a new process
 
 
 def wrn_model(**kwargs) -> SimpleNet:
@@ -118,36 +118,44 @@ def test_without_a_cpu_probe_bfloat16_is_never_native(monkeypatch):
 
 
 class _Backbone:
-    def __init__(self, faster_on=()):
+    def __init__(self, faster_on=(), meets_spec=True):
         self.bfloat16_faster_on = faster_on
+        self.bfloat16_meets_spec = meets_spec
 
 
-@pytest.mark.parametrize("device, native, faster_on, auto, bfloat16", [
-    ("cpu", True, ("cpu", "cuda"), "bfloat16", "bfloat16"),    # WideResNet on an AVX512-BF16 CPU
-    ("cpu", True, (), "float32", "bfloat16"),                  # EfficientNet-Lite0 there
-    ("cpu", True, ("cuda",), "float32", "bfloat16"),
-    ("cpu", False, ("cpu", "cuda"), "float32", "float32"),     # any backbone on an AVX2 CPU
-    ("cuda", True, ("cpu", "cuda"), "bfloat16", "bfloat16"),   # WideResNet on an A100 / H100
-    ("cuda", True, (), "float32", "bfloat16"),
-    ("cuda", False, ("cpu", "cuda"), "float32", "float32"),    # a V100
+@pytest.mark.parametrize("device, native, faster_on, meets_spec, auto, bfloat16", [
+    ("cpu", True, ("cpu", "cuda"), True, "bfloat16", "bfloat16"),  # WideResNet, AVX512-BF16 CPU
+    ("cpu", True, (), False, "float32", "float32"),                # EfficientNet-Lite0 there
+    ("cpu", True, (), True, "float32", "bfloat16"),                # a user module there
+    ("cpu", True, ("cuda",), True, "float32", "bfloat16"),
+    ("cpu", True, ("cpu",), False, "float32", "float32"),
+    ("cpu", False, ("cpu", "cuda"), True, "float32", "float32"),   # any backbone, AVX2 CPU
+    ("cuda", True, ("cpu", "cuda"), True, "bfloat16", "bfloat16"), # WideResNet on an A100 / H100
+    ("cuda", True, (), False, "float32", "float32"),
+    ("cuda", True, (), True, "float32", "bfloat16"),
+    ("cuda", False, ("cpu", "cuda"), True, "float32", "float32"),  # a V100
 ])
-def test_resolution_rule(monkeypatch, device, native, faster_on, auto, bfloat16):
+def test_resolution_rule(monkeypatch, device, native, faster_on, meets_spec, auto, bfloat16):
     monkeypatch.setattr(_precision, "cpu_has_native_bfloat16", lambda: native)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: (9, 0) if native else (7, 0))
-    monkeypatch.setattr(_precision, "_warned", True)  # the warning has its own test
-    backbone, dev = _Backbone(faster_on), torch.device(device)
-    assert _precision.resolve_precision("auto", dev, backbone) == auto
-    assert _precision.resolve_precision("bfloat16", dev, backbone) == bfloat16
-    assert _precision.resolve_precision("float32", dev, backbone) == "float32"
+    backbone, dev = _Backbone(faster_on, meets_spec), torch.device(device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the warnings have their own tests
+        assert _precision.resolve_precision("auto", dev, backbone) == auto
+        assert _precision.resolve_precision("bfloat16", dev, backbone) == bfloat16
+        assert _precision.resolve_precision("float32", dev, backbone) == "float32"
 
 
-def test_backbones_declare_where_bfloat16_is_faster():
-    assert build_backbone("wide_resnet50_2", weights=None).bfloat16_faster_on == ("cpu", "cuda")
-    assert build_backbone("efficientnet_lite0", weights=None).bfloat16_faster_on == ()
-    assert SimpleNet(TinyBackbone(), weights=None).backbone.bfloat16_faster_on == ()  # unknown
+def test_backbones_declare_where_bfloat16_is_faster_and_accurate():
+    wrn, lite = (build_backbone(name, weights=None) for name in ("wide_resnet50_2", "efficientnet_lite0"))
+    assert (wrn.bfloat16_faster_on, wrn.bfloat16_meets_spec) == (("cpu", "cuda"), True)
+    assert (lite.bfloat16_faster_on, lite.bfloat16_meets_spec) == ((), False)
+    custom = SimpleNet(TinyBackbone(), weights=None).backbone
+    assert (custom.bfloat16_faster_on, custom.bfloat16_meets_spec) == ((), True)  # the user's call
     declared = TinyBackbone()
-    declared.bfloat16_faster_on = ("cpu",)
-    assert SimpleNet(declared, weights=None).backbone.bfloat16_faster_on == ("cpu",)
+    declared.bfloat16_faster_on, declared.bfloat16_meets_spec = ["cpu"], 0
+    custom = SimpleNet(declared, weights=None).backbone
+    assert (custom.bfloat16_faster_on, custom.bfloat16_meets_spec) == (("cpu",), False)
 
 
 # ------------------------------------------------------------------------------- the fallback
@@ -165,6 +173,23 @@ def test_bfloat16_without_native_support_runs_float32_and_warns_once(no_native_b
     for result in (first, second, other):
         assert torch.equal(result.patch_scores, expected.patch_scores)
     assert model._bfloat16_backbone_cache is None  # no emulated bf16 ran
+
+
+def test_backbone_off_the_contract_runs_float32_and_warns_once(force_native_bfloat16, monkeypatch):
+    """EfficientNet-Lite0's bf16 answer is off SPEC 6 (its declaration): bf16 requests run float32
+    even where bf16 is native, with a warning saying why."""
+    monkeypatch.setattr(_precision, "_warned", set())
+    torch.manual_seed(0)
+    model = SimpleNet("efficientnet_lite0", weights=None, image_size=32, resize=36, **HEAD)
+    expected = model.score(images(2))
+    with pytest.warns(RuntimeWarning, match="efficientnet_lite0 backbone's bfloat16 features are too far"):
+        result = model.score(images(2), precision="bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert model._compute_precision("bfloat16") == "float32"
+        assert model._compute_precision("auto") == "float32"
+    assert torch.equal(result.patch_scores, expected.patch_scores)
+    assert model._bfloat16_backbone_cache is None
 
 
 def test_auto_without_native_support_is_float32_silently(no_native_bfloat16):

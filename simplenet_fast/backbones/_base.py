@@ -32,6 +32,9 @@ class FeatureExtractor(nn.Module):
       bfloat16_faster_on  device types ("cpu", "cuda") where running this backbone in bfloat16
                  was measured faster than float32: `precision="auto"` picks bf16 there only
                  (simplenet_fast._precision); empty for a user module (unknown)
+      bfloat16_meets_spec  whether its bf16 features were measured close enough to float32 for
+                 SPEC 6's bf16 contract; False makes every bf16 request run float32. True for a
+                 user module: asking for bf16 is then the user's call
     """
 
     name: str | None = None
@@ -41,6 +44,7 @@ class FeatureExtractor(nn.Module):
     std: tuple[float, float, float] = IMAGENET_STD
     weights_id: str = "random"
     bfloat16_faster_on: tuple[str, ...] = ()
+    bfloat16_meets_spec: bool = True
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always eval: BatchNorm must keep its pretrained statistics (SPEC 3), whatever a caller's
