@@ -25,8 +25,14 @@ def native():
 
 
 def build_info() -> dict:
-    """What the compiled core was built with: CPU vector path, OpenMP, CUDA architectures."""
+    """What the compiled core was built with: CPU vector path, OpenMP, CUDA architectures; and
+    `cpu_bfloat16`, whether this CPU computes bfloat16 natively (`precision="bfloat16"` and
+    `"auto"` use it; simplenet_fast._precision)."""
+    from ._precision import cpu_has_native_bfloat16
+
     module = native()
     if module is None:
-        return {"compiled": False, "cpu_isa": None, "openmp": False, "cuda": False, "cuda_archs": ""}
-    return {"compiled": True, **module.build_info()}
+        info = {"compiled": False, "cpu_isa": None, "openmp": False, "cuda": False, "cuda_archs": ""}
+    else:
+        info = {"compiled": True, **module.build_info()}
+    return {**info, "cpu_bfloat16": cpu_has_native_bfloat16()}

@@ -10,6 +10,7 @@ shape become model inputs, and how maps go back to the images' pixels, is SPEC s
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import pickle
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._io import atomic_open
+from ._precision import check_precision, resolve_precision
 from .backbones import build_backbone, default_config
 from .geometry import (InputGeometry, Placement, Tiling, fill_unscored, mask_padded_map,
                        mask_padding, real_pixel_mask, zero_padding)
@@ -44,10 +46,10 @@ ADAPTOR_LR, ADAPTOR_WEIGHT_DECAY = 1e-4, 0.01        # AdamW
 DISCRIMINATOR_LR, DISCRIMINATOR_WEIGHT_DECAY = 2e-4, 1e-5  # Adam
 
 DEFAULT_FEATURE_CACHE_BYTES = 2 * 1024**3
-_PRECISIONS = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _PUBLISHED_WEIGHTS = ("imagenet",)  # weights a registry backbone rebuilds by name: not stored
 _MAX_GRAPHS = 4  # captured CUDA graphs kept per model (each holds its own memory pool)
 MAP_SIZES = ("model", "input")
+_BFLOAT16_BACKBONE_LOCK = threading.Lock()  # SimpleNet._bfloat16_backbone: one copy per model
 # Bound on what a model (and so a model file) may declare: the fold's pooling matrices are
 # [P, C*9] float64 (1.2 GB at 16384 with WideResNet's 1024 layer3 channels; the paper uses 1536).
 # Sides (image_size, resize, tile) are bounded by geometry.MAX_SIDE.
@@ -129,10 +131,17 @@ class SimpleNet(nn.Module):
         epochs: `fit`'s default number of epochs.
         margin: training loss margin (SPEC 2).
         sigma: Gaussian blur of the anomaly map (SPEC 1.10); 0 disables it.
-        precision: "float32", or "bfloat16" (CUDA only): the backbone then runs under
-            `torch.autocast(bfloat16)` in channels-last layout and the fused head computes in
-            bfloat16 (SPEC 6: within 2e-2 relative of float32). On the CPU it is ignored and
-            float32 is used. Training (`fit`) is always float32.
+        precision: "float32", "bfloat16" or "auto" (`simplenet_fast._precision`). "bfloat16" runs
+            the backbone in bfloat16, channels-last, where the device has bf16 arithmetic: on
+            CUDA (compute capability 8.0 on) under `torch.autocast`, with the fused head's GEMMs
+            in bf16 on tensor cores; on a CPU with AVX512-BF16 or AMX-BF16 as a bf16 copy of the
+            backbone (made once per weight state), whose maps the fused head widens to float32.
+            Elsewhere, and for a backbone whose bf16 answer is off SPEC 6 (EfficientNet-Lite0),
+            it runs float32, with a one-time warning. "auto" is bf16 where that is native,
+            within SPEC 6 and faster for the backbone (WideResNet-50-2: about 2x on such CPUs),
+            float32 otherwise. SPEC 6: bf16 scores are within 2e-2 relative of float32. Training (`fit`) is always float32. Saved with the model;
+            `model.precision` may be changed at any time, `score(precision=...)` per call, and
+            `model.compute_precision` says what the setting resolves to on the model's device.
         device: where to put the model (None: the CPU). `model.to(...)` works too.
 
     Attributes:
@@ -182,8 +191,7 @@ class SimpleNet(nn.Module):
         epochs = _resolve(epochs, defaults.epochs)
         _check_int("epochs", epochs, 0)
         check_sigma(sigma, geometry.image_size)  # the rule anomaly_map applies to the map
-        if precision not in _PRECISIONS:
-            raise ValueError(f"precision must be one of {sorted(_PRECISIONS)}, got {precision!r}")
+        check_precision(precision)
         self.backbone = build_backbone(backbone, weights=weights)
         self.head = SimpleNetHead(self.backbone.channels, pretrain_embed_dim,
                                   _resolve(target_embed_dim, defaults.target_embed_dim),
@@ -204,6 +212,7 @@ class SimpleNet(nn.Module):
         self._graphs: dict = {}
         self._compiled = None  # score(compile=True)'s compiled _device_forward
         self._channels_last = False
+        self._bfloat16_backbone_cache: tuple | None = None  # (weights state, module), CPU bf16
         self.eval()
         if device is not None:
             self.to(device)
@@ -255,17 +264,57 @@ class SimpleNet(nn.Module):
         }
 
     def _apply(self, fn, *args, **kwargs):
-        # .to() / .cuda() / .float() move or replace tensors a captured graph points at.
+        # .to() / .cuda() / .float() move or replace tensors a captured graph points at, and the
+        # backbone the bf16 copy was made from.
         self._graphs.clear()
         self._compiled = None
+        self._bfloat16_backbone_cache = None
         return super()._apply(fn, *args, **kwargs)
 
-    def _use_bf16(self) -> bool:
-        return self.precision == "bfloat16" and self.device.type == "cuda"
+    @property
+    def precision(self) -> str:
+        """The precision setting: "float32", "bfloat16" or "auto" (see the class doc)."""
+        return self._precision
+
+    @precision.setter
+    def precision(self, value: str) -> None:
+        self._precision = check_precision(value)
+
+    @property
+    def compute_precision(self) -> str:
+        """What `precision` resolves to on the model's device: "float32" or "bfloat16"."""
+        return self._compute_precision(None)
+
+    def _compute_precision(self, requested: str | None) -> str:
+        requested = self._precision if requested is None else check_precision(requested)
+        return resolve_precision(requested, self.device, self.backbone)
+
+    def _bfloat16_backbone(self) -> nn.Module:
+        """The backbone as a bfloat16, channels-last copy, for bf16 inference on the CPU.
+
+        oneDNN's fast bf16 convolutions want bf16 weights and channels-last activations; casting
+        WideResNet's 25M weights on every call, as autocast does, took 11 ms on 2 cores. The copy
+        is made once per weight state (a reloaded or edited backbone gets a new one); it is no
+        submodule, so it is neither saved nor trained, and `fit` keeps the float32 backbone
+        (SPEC 2 training is float32). It costs half the backbone's float32 memory (50 MB for
+        WideResNet-50-2 to layer3).
+        """
+        backbone = self.backbone
+        state = tuple((t.data_ptr(), t._version) for t in (*backbone.parameters(), *backbone.buffers()))
+        with _BFLOAT16_BACKBONE_LOCK:  # threads sharing a model make one copy
+            cached = self._bfloat16_backbone_cache
+            if cached is None or cached[0] != state:
+                # ordinary tensors even when called under inference_mode, so that the copy serves
+                # any later caller
+                with torch.inference_mode(False), torch.no_grad():
+                    twin = copy.deepcopy(backbone).to(torch.bfloat16, memory_format=torch.channels_last)
+                cached = self._bfloat16_backbone_cache = (state, twin)
+        return cached[1]
 
     # ------------------------------------------------------------------------------ inference
     def _device_forward(self, batch: Tensor, fused: bool | None = None, check: bool = True,
-                        real: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                        real: Tensor | None = None, precision: str | None = None
+                        ) -> tuple[Tensor, Tensor, Tensor]:
         """uint8 `[B, H, W, 3]` on the model's device -> (patch_scores, pred_score, anomaly_map).
 
         Pure tensor work on the device: no host synchronisation unless `check` (the NaN / Inf
@@ -274,26 +323,32 @@ class SimpleNet(nn.Module):
         `fused=None` takes the compiled head when it has a kernel for the features' device and
         dtype. `real`: None, or int64 `[B, 2]` on the device, the rows and columns of each input
         that hold image pixels; the rest is padding, which is set to the mean colour and kept out
-        of the scores and the map (`geometry.mask_padding`).
+        of the scores and the map (`geometry.mask_padding`). `precision`: "float32" or
+        "bfloat16" as resolved by `_compute_precision` (None: the model's setting).
         """
         x = normalise(batch, self._mean, self._std)
         if real is not None:
             x = zero_padding(x, real)
-        return self._normalised_forward(x, fused, check, real)
+        return self._normalised_forward(x, fused, check, real, precision)
 
     def _normalised_forward(self, x: Tensor, fused: bool | None = None, check: bool = True,
-                            real: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+                            real: Tensor | None = None, precision: str | None = None
+                            ) -> tuple[Tensor, Tensor, Tensor]:
         """`_device_forward` from the normalised float inputs `[B, 3, H, W]` (padding zeroed)."""
-        if self._use_bf16():
+        bf16 = (precision or self.compute_precision) == "bfloat16"
+        on_cuda = x.device.type == "cuda"
+        if bf16 and on_cuda:
             x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16):
                 features = self.backbone(x)
+        elif bf16:
+            features = self._bfloat16_backbone()(x.to(torch.bfloat16, memory_format=torch.channels_last))
         else:
             # normalise's output is channels-last already: backbones that run in that layout
             # take it without a copy (the Lite0 fast route converted NCHW back, two copies).
             layout = torch.channels_last if self.backbone.channels_last_input else torch.contiguous_format
             features = self.backbone(x.contiguous(memory_format=layout))
-        compute = torch.bfloat16 if self._use_bf16() else torch.float32
+        compute = torch.bfloat16 if bf16 and on_cuda else torch.float32
         scores = self.head.patch_scores(features, fused=fused, compute_dtype=compute,
                                         check_finite=check).float()
         map_scores = scores
@@ -349,7 +404,8 @@ class SimpleNet(nn.Module):
 
     def score(self, images: Any, batch_size: int = 32, fused: bool | None = None,
               cuda_graph: bool = False, map_size: str | None = None, compile: bool = False,
-              progress: bool | Callable[[int], Any] | None = None) -> AnomalyResult:
+              progress: bool | Callable[[int], Any] | None = None, precision: str | None = None
+              ) -> AnomalyResult:
         """Score images (see `simplenet_fast.preprocess` for every accepted kind).
 
         Images are decoded and made into model inputs lazily, `batch_size` at a time (with
@@ -385,6 +441,8 @@ class SimpleNet(nn.Module):
         progress: True shows a progress bar (tqdm, on stderr); a callable is called with the
             number of images of each batch once it is scored (on CUDA: handed to the device,
             which is synchronised once per call, at the end).
+        precision: this call's precision, "float32", "bfloat16" or "auto"; None (default) uses
+            `model.precision`. A model trained in float32 scores in bf16 as it is.
         """
         _check_int("batch_size", batch_size, 1)
         if compile and cuda_graph:
@@ -396,12 +454,13 @@ class SimpleNet(nn.Module):
         if map_size == "model" and self.tiling is not None:
             raise ValueError("with tiling each window has its own model-size map: the maps are "
                              "stitched at each image's own size (map_size='input')")
+        precision = self._compute_precision(precision)
         self.head.eval()
-        if self._use_bf16() and not self._channels_last:
+        if precision == "bfloat16" and self.device.type == "cuda" and not self._channels_last:
             self._graphs.clear()  # the conversion replaces the backbone's weight tensors
             self.backbone.to(memory_format=torch.channels_last)
             self._channels_last = True
-        run = _BatchRunner(self, batch_size, fused, cuda_graph, compile)
+        run = _BatchRunner(self, batch_size, fused, cuda_graph, compile, precision)
         if self.tiling is not None:
             with _progress(progress, images) as report, torch.inference_mode():
                 stitched = self._score_tiled(images, run, report)
@@ -476,8 +535,9 @@ class SimpleNet(nn.Module):
         return self._compiled
 
     def _graph_forward(self, batch: Tensor, batch_size: int, fused: bool | None,
-                       real: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-        """`_device_forward` through a CUDA graph captured for a fixed batch shape.
+                       real: Tensor | None = None, precision: str | None = None
+                       ) -> tuple[Tensor, Tensor, Tensor]:
+        """`_device_forward` through a CUDA graph captured for a fixed batch shape and precision.
 
         `batch`: at most `batch_size` uint8 inputs, pinned on the host or on the device; `real`:
         None or their `[n, 2]` real sizes (graphs with and without it are kept apart). Graphs are
@@ -487,9 +547,10 @@ class SimpleNet(nn.Module):
         """
         n = batch.shape[0]
         padded = real is not None
+        precision = precision or self.compute_precision
         size = (batch_size if n == batch_size
-                or self._graph_key(batch_size, fused, padded) in self._graphs else n)
-        key = self._graph_key(size, fused, padded)
+                or self._graph_key(batch_size, fused, padded, precision) in self._graphs else n)
+        key = self._graph_key(size, fused, padded, precision)
         weights = self.head.weights_state()
         entry = self._graphs.get(key)
         if entry is None or entry[0] != weights:
@@ -497,7 +558,7 @@ class SimpleNet(nn.Module):
             self._graphs.pop(key, None)
             while len(self._graphs) >= _MAX_GRAPHS:
                 del self._graphs[next(iter(self._graphs))]
-            entry = (weights, *self._capture(size, fused, padded))
+            entry = (weights, *self._capture(size, fused, padded, precision))
             self._graphs[key] = entry
         _, graph, static_in, static_real, static_out = entry
         static_in[:n].copy_(batch, non_blocking=True)
@@ -511,10 +572,10 @@ class SimpleNet(nn.Module):
         # Clones are queued on the same stream after the replay: no host synchronisation.
         return tuple(t[:n].clone() for t in static_out)
 
-    def _graph_key(self, size: int, fused: bool | None, padded: bool) -> tuple:
-        return (size, fused, padded, self.image_size, self.precision, str(self.device))
+    def _graph_key(self, size: int, fused: bool | None, padded: bool, precision: str) -> tuple:
+        return (size, fused, padded, self.image_size, precision, str(self.device))
 
-    def _capture(self, batch_size: int, fused: bool | None, padded: bool):
+    def _capture(self, batch_size: int, fused: bool | None, padded: bool, precision: str):
         # The first graph checks the features once, eagerly, outside the capture.
         height, width = self.image_size
         static_in = torch.zeros(batch_size, height, width, 3, dtype=torch.uint8, device=self.device)
@@ -526,12 +587,15 @@ class SimpleNet(nn.Module):
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):
             # Warm-up on a side stream (PyTorch's recipe): lazy inits, cached folds, kernels.
-            self._device_forward(static_in, fused, check=True, real=static_real)
-            self._device_forward(static_in, fused, check=False, real=static_real)
+            self._device_forward(static_in, fused, check=True, real=static_real,
+                                 precision=precision)
+            self._device_forward(static_in, fused, check=False, real=static_real,
+                                 precision=precision)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            static_out = self._device_forward(static_in, fused, check=False, real=static_real)
+            static_out = self._device_forward(static_in, fused, check=False, real=static_real,
+                                              precision=precision)
         return graph, static_in, static_real, static_out
 
     # ------------------------------------------------------------------------------ training
@@ -1015,8 +1079,9 @@ class _BatchRunner:
     """
 
     def __init__(self, model: SimpleNet, batch_size: int, fused: Optional[bool], cuda_graph: bool,
-                 compile: bool = False):
+                 compile: bool = False, precision: Optional[str] = None):
         self.model, self.batch_size, self.fused = model, batch_size, fused
+        self.precision = precision  # resolved ("float32" / "bfloat16"), or None: the model's
         self.device = model.device
         self.on_cuda = self.device.type == "cuda"
         self.graph = cuda_graph and self.on_cuda
@@ -1032,11 +1097,13 @@ class _BatchRunner:
             real = None if real is None else real.pin_memory()
         if self.graph:
             # straight from pinned host memory into the graph's static input
-            out = self.model._graph_forward(batch, self.batch_size, self.fused, real)
+            out = self.model._graph_forward(batch, self.batch_size, self.fused, real,
+                                            self.precision)
         else:
             out = self.forward(
                 batch.to(self.device, non_blocking=True), self.fused, check=not self.on_cuda,
-                real=None if real is None else real.to(self.device, non_blocking=True))
+                real=None if real is None else real.to(self.device, non_blocking=True),
+                precision=self.precision)
         if self.on_cuda:
             self.unchecked.append(out[0])
         return out
@@ -1164,29 +1231,94 @@ def _progress(progress: bool | Callable[[int], Any] | None, images: Any):
 
 
 # ---------------------------------------------------------------------------------- module level
+MODEL_ENV = "SIMPLENET_FAST_MODEL"
+NO_MODEL_MESSAGE = (
+    "simplenet_fast.score(images) has no model to use: call simplenet_fast.use(model_or_path) "
+    f"once, or set the environment variable {MODEL_ENV} to the path of a saved model "
+    "(`simplenet-fast train` makes one); or pass model=...")
+
 _LOADED: dict = {}
 _LOADED_LOCK = threading.Lock()
 _LOADED_MAX = 4
+_DEFAULT: "SimpleNet | tuple[str, str | None] | None" = None  # what use() set: a model or (path, device)
+_DEFAULT_LOCK = threading.Lock()
 
 
-def score(images: Any, model: "SimpleNet | str | os.PathLike", device: torch.device | str | None = None,
-          **kwargs) -> AnomalyResult:
+def use(model: "SimpleNet | str | os.PathLike | None", device: torch.device | str | None = None
+        ) -> "SimpleNet | None":
+    """Set the model that `score(images)` uses when called without `model=`; returns it.
+
+    `model` is a `SimpleNet` or the path of a saved one (loaded now, so that a bad file fails
+    here, through the same cache as `score`; a file rewritten later is loaded again when next
+    used). `device` applies to a path, as in `score`. `use(None)` clears the setting, and `score`
+    falls back to the `SIMPLENET_FAST_MODEL` environment variable again. Thread-safe; the setting
+    is shared by all threads of the process.
+    """
+    global _DEFAULT
+    if model is None or isinstance(model, SimpleNet):
+        if device is not None:
+            raise ValueError("device applies to a model path; move the SimpleNet with .to() instead")
+        default, loaded = model, model
+    else:
+        _check_model_path(model)
+        default = (os.path.realpath(model), None if device is None else str(torch.device(device)))
+        loaded = _load_cached(os.fspath(model), device)
+    with _DEFAULT_LOCK:
+        _DEFAULT = default
+    return loaded
+
+
+def score(images: Any, model: "SimpleNet | str | os.PathLike | None" = None,
+          device: torch.device | str | None = None, **kwargs) -> AnomalyResult:
     """Score images with a `SimpleNet` or the path of a saved one.
 
-    Loaded models are cached by (real path, modification time, size, device), so calling this in
-    a loop loads the file once; a rewritten file is loaded again. `device` applies to paths only
-    (default: the CPU). Other keyword arguments go to `SimpleNet.score`.
+    Without `model`, the default model: the one set by `simplenet_fast.use(model_or_path)`, else
+    the path in the `SIMPLENET_FAST_MODEL` environment variable (read at every call); with
+    neither, a ValueError says how to set one. Loaded models are cached by (real path,
+    modification time, size, device), so calling this in a loop loads the file once; a rewritten
+    file is loaded again. `device` applies to paths only (default: the CPU, or the device given
+    to `use`). Other keyword arguments (`batch_size`, `fused`, `cuda_graph`, `precision`) go to
+    `SimpleNet.score`. Thread-safe.
     """
+    if model is None:
+        model, default_device = _default_model()
+        device = default_device if device is None else device
     if isinstance(model, SimpleNet):
         if device is not None:
             raise ValueError("device applies to a model path; move the SimpleNet with .to() instead")
         return model.score(images, **kwargs)
+    _check_model_path(model)
+    return _load_cached(os.fspath(model), device).score(images, **kwargs)
+
+
+def _default_model() -> "tuple[SimpleNet | str, str | None]":
+    """(model or path, device) that `score` uses without `model=`; see `score`."""
+    with _DEFAULT_LOCK:
+        default = _DEFAULT
+    if isinstance(default, SimpleNet):
+        return default, None
+    if default is not None:
+        return default
+    path = os.environ.get(MODEL_ENV, "")
+    if not path:
+        raise ValueError(NO_MODEL_MESSAGE)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"the environment variable {MODEL_ENV} names the model file "
+                                f"{path!r}, which does not exist")
+    return path, None
+
+
+def _check_model_path(model: Any) -> None:
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a SimpleNet or the path of a saved one, got "
                         f"{type(model).__name__}")
-    path = os.path.realpath(os.fspath(model))
-    if not os.path.isfile(path):
+    if not os.path.isfile(model):
         raise FileNotFoundError(f"model file {os.fspath(model)!r} does not exist")
+
+
+def _load_cached(path: str, device: torch.device | str | None) -> SimpleNet:
+    """`SimpleNet.load(path, device)` through the cache of loaded models (see `score`)."""
+    path = os.path.realpath(path)
     stat = os.stat(path)
     key = (path, stat.st_mtime_ns, stat.st_size, str(torch.device(device or "cpu")))
     with _LOADED_LOCK:
@@ -1198,7 +1330,7 @@ def score(images: Any, model: "SimpleNet | str | os.PathLike", device: torch.dev
             while len(_LOADED) >= _LOADED_MAX:
                 del _LOADED[next(iter(_LOADED))]
             _LOADED[key] = loaded
-    return loaded.score(images, **kwargs)
+    return loaded
 
 
-__all__ = ["SimpleNet", "AnomalyResult", "score"]
+__all__ = ["SimpleNet", "AnomalyResult", "score", "use"]

@@ -70,7 +70,8 @@ class ScoringModule(nn.Module):
             x = (images - model._mean) / model._std
         if real_size is not None:
             x = zero_padding(x, real_size)
-        scores, pred_score, amap = model._normalised_forward(x, real=real_size)
+        scores, pred_score, amap = model._normalised_forward(
+            x, real=real_size, precision=model.compute_precision)
         return pred_score, amap, scores
 
 

@@ -105,7 +105,8 @@ def test_top_level_help_lists_exit_codes(capsys):
 @pytest.mark.parametrize("argv", [
     [], ["frobnicate"], ["score"], ["train", "folder"], ["train", "f", "--out", "m.pt", "--holdout", "1.5"],
     ["score", "m.pt", "x.png", "--batch-size", "0"], ["eval", "data"],
-    ["eval", "data", "--train", "--model", "m.pt"],
+    ["eval", "data", "--train", "--model", "m.pt"], ["score", "m.pt", "x.png", "--precision", "fp16"],
+    ["train", "f", "--out", "m.pt", "--precision", "bf16"],
 ])
 def test_usage_errors_exit_2(argv, capsys):
     assert main(argv) == EXIT_USAGE
@@ -220,6 +221,29 @@ def test_train_errors_are_one_line(argv, message, data, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("simplenet-fast train: error:") and message in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_precision_is_saved_by_train_and_overridden_by_score(data, tmp_path, monkeypatch, capsys):
+    from simplenet_fast import _precision
+
+    monkeypatch.setattr(_precision, "cpu_has_native_bfloat16", lambda: False)
+    out = tmp_path / "m.pt"
+    assert main(["train", str(data / "good"), "--out", str(out), "--holdout", "0",
+                 "--precision", "auto"] + TRAIN) == EXIT_OK
+    assert SimpleNet.load(out).precision == "auto"
+    seen = []
+    score = SimpleNet.score  # what the scoring job calls per batch of decoded images
+
+    def spy(self, *args, **kwargs):
+        seen.append(self.precision)
+        return score(self, *args, **kwargs)
+
+    monkeypatch.setattr(SimpleNet, "score", spy)
+    image = str(data / "good" / "img00.png")
+    assert main(["score", str(out), image, "--quiet"]) == EXIT_OK
+    assert main(["score", str(out), image, "--quiet", "--precision", "float32"]) == EXIT_OK
+    assert seen == ["auto", "float32"]
+    capsys.readouterr()
 
 
 # ---------------------------------------------------------------------------------- score

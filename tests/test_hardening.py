@@ -134,18 +134,21 @@ def _get(module: nn.Module, name: str) -> torch.Tensor:
 
 
 
-def test_low_precision_and_float64_features_take_the_reference_in_the_heads_dtype():
-    """float16 / bfloat16 have no CPU kernel: fused=None takes the reference, which widens them
-    (exact) to the head's float32 instead of failing inside F.linear."""
+def test_low_precision_and_float64_features_are_scored_in_float32():
+    """float16 / float64 have no CPU kernel: fused=None takes the reference, which widens them
+    (exact) to the head's float32 instead of failing inside F.linear. bfloat16 (a bf16 backbone's
+    maps) has one: the wrapper widens it exactly to float32 for the kernel."""
     head = tiny_head()
     g = torch.Generator().manual_seed(1)
     base = [torch.rand(2, 3, 4, 5, generator=g), torch.rand(2, 5, 2, 3, generator=g)]
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         features = [f.to(dtype) for f in base]
-        with torch.no_grad():
-            scores = head.patch_scores(features)
-        assert scores.dtype == torch.float32
-        assert relative_error(scores, float64_scores(head, features)) < FLOAT32_TOL
+        fused_options = (None, True) if dtype == torch.bfloat16 and build_info()["compiled"] else (None,)
+        for fused in fused_options:
+            with torch.no_grad():
+                scores = head.patch_scores(features, fused=fused)
+            assert scores.dtype == torch.float32
+            assert relative_error(scores, float64_scores(head, features)) < FLOAT32_TOL
 
 
 # ------------------------------------------------------------------- models: shared small ones

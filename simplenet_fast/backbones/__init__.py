@@ -83,10 +83,11 @@ class CustomBackbone(FeatureExtractor):
     """A user module behind the `FeatureExtractor` contract.
 
     The module must map `[B, 3, H, W]` to a list or tuple of two maps, `[B, C2, H/8, W/8]` and
-    `[B, C3, H/16, W/16]`. `channels` (and `strides`, `mean`, `std`, `defaults`) are taken from
-    attributes of the same names on the module when it has them (see `default_config`);
-    otherwise channels come from one dry run on a 128x128 input on the module's device, which
-    also checks the strides. Wrapping freezes the module in place (eval mode, requires_grad False).
+    `[B, C3, H/16, W/16]`. `channels` (and `strides`, `mean`, `std`, `defaults`,
+    `bfloat16_faster_on`, `bfloat16_meets_spec`) are taken from attributes of the same names on
+    the module when it has them (see `default_config`); otherwise channels come from one dry run
+    on a 128x128 input on the module's device, which also checks the strides. Wrapping freezes
+    the module in place (eval mode, requires_grad False).
     """
 
     def __init__(self, module: nn.Module, weights_id: str = "custom"):
@@ -96,9 +97,11 @@ class CustomBackbone(FeatureExtractor):
         self.weights_id = weights_id
         self.defaults = default_config(module)
         self._freeze()
-        for attr in ("strides", "mean", "std"):
+        for attr in ("strides", "mean", "std", "bfloat16_faster_on"):
             if hasattr(module, attr):
                 setattr(self, attr, tuple(getattr(module, attr)))
+        if hasattr(module, "bfloat16_meets_spec"):
+            self.bfloat16_meets_spec = bool(module.bfloat16_meets_spec)
         channels = getattr(module, "channels", None)
         if channels is not None:
             channels = tuple(int(c) for c in channels)

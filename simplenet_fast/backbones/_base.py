@@ -81,6 +81,12 @@ class FeatureExtractor(nn.Module):
       defaults   its recommended `BackboneDefaults` (None: the paper's, WideResNet-50-2's)
       channels_last_input  True when forward runs fastest on channels-last images: `SimpleNet`
                  then hands over its normalised images in that memory order, without a copy
+      bfloat16_faster_on  device types ("cpu", "cuda") where running this backbone in bfloat16
+                 was measured faster than float32: `precision="auto"` picks bf16 there only
+                 (simplenet_fast._precision); empty for a user module (unknown)
+      bfloat16_meets_spec  whether its bf16 features were measured close enough to float32 for
+                 SPEC 6's bf16 contract; False makes every bf16 request run float32. True for a
+                 user module: asking for bf16 is then the user's call
     """
 
     name: str | None = None
@@ -91,6 +97,8 @@ class FeatureExtractor(nn.Module):
     weights_id: str = "random"
     defaults: Optional[BackboneDefaults] = None
     channels_last_input: bool = False
+    bfloat16_faster_on: tuple[str, ...] = ()
+    bfloat16_meets_spec: bool = True
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always eval: BatchNorm must keep its pretrained statistics (SPEC 3), whatever a caller's

@@ -182,6 +182,13 @@ class EfficientNetLite0Features(FeatureExtractor):
     std = LITE_STD
     defaults = DEFAULTS
     channels_last_input = True  # the fast route's layout: normalised crops come in it as they are
+    # Not faster in bf16 on an AVX512-BF16 CPU (issue #16: its depthwise convolutions have no bf16
+    # fast path, and bf16 leaves the folded float32 route above); not measured on CUDA.
+    bfloat16_faster_on = ()
+    # Nor accurate: with the ImageNet weights on ELPV cells, bf16 moves the two maps by 8% and 9%
+    # relative (rounding the weights alone: 5% and 7%), the patch scores of a trained head by 7%,
+    # and the mono seed-0 test AUROC by 0.010 (bench/elpv_bf16_check.py, bench/RESULTS.md).
+    bfloat16_meets_spec = False
 
     def __init__(self):
         super().__init__()
