@@ -144,6 +144,29 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _attempt_store(dist, timeout: datetime.timedelta) -> dict:
+    """init_process_group's store arguments: under a torchrun agent that shares its store with
+    the workers, a key space of this restart attempt's own; else none (the env:// default).
+
+    The agent's store outlives an elastic restart, and the process group's keys (each rank's
+    address) are the same in every attempt: a restarted rank could read a dead rank's address
+    from the attempt before and fail to connect, or hang (pytorch/pytorch#135712; seen here as
+    "connectFullMesh failed ... Connection refused" after a rank died). Every worker of an
+    attempt has the same TORCHELASTIC_RESTART_COUNT, so prefixing with it keeps attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+        return {}
+    if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and _env_int("RANK", 0) == 0:
+        warnings.warn("torchrun shares its rendezvous store with the workers, and restarted "
+                      "workers may still fail to connect (pytorch/pytorch#135712): for "
+                      "--max-restarts, start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                      "in its environment", RuntimeWarning, stacklevel=2)
+    store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"simplenet_fast/attempt-{attempt}/", store), "rank": rank,
+            "world_size": size}
+
+
 @contextlib.contextmanager
 def session(device: Union[str, torch.device, None] = None,
             timeout_s: float = DEFAULT_TIMEOUT_S) -> Iterator[World]:
@@ -177,9 +200,8 @@ def session(device: Union[str, torch.device, None] = None,
         kind = World(local_rank=local_rank, size=size).device(device).type
         if kind == "cuda":
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl", timeout=timeout)
-        else:
-            dist.init_process_group("gloo", timeout=timeout)
+        dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timeout,
+                                **_attempt_store(dist, timeout))
         owned = True
     else:
         yield World(timeout_s=float(timeout_s))
