@@ -2,6 +2,8 @@
 tiling windows, padding masks, and the errors for bad settings."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -29,15 +31,21 @@ def test_square_crop_is_torchvision_resize_and_center_crop(generator):
     assert geometry.place(300, 300).offset == (20, 20)  # SPEC 1.1's offset 20
 
 
+def half_up(a: int, b: int) -> int:
+    """a / b rounded to the nearest int, halves up (Python's round() rounds halves to even)."""
+    return math.floor(a / b + 0.5)
+
+
 def test_rectangular_crop_covers_the_box_and_keeps_the_ratio(generator):
     for _ in range(50):
         size = random_size(generator, 16, 300)
         geometry = InputGeometry(size, "crop")
-        assert geometry.resize == default_resize(size) == round(329 * min(size) / 288)
+        assert geometry.resize == default_resize(size) == half_up(329 * min(size), 288)
         h, w = random_size(generator, 1, 3000)
         placement = geometry.place(h, w)
         rh, rw = placement.resized
-        box = (round(size[0] * geometry.resize / min(size)), round(size[1] * geometry.resize / min(size)))
+        box = (half_up(size[0] * geometry.resize, min(size)),
+               half_up(size[1] * geometry.resize, min(size)))
         assert rh >= box[0] and rw >= box[1]          # covers the crop's box ...
         assert rh == box[0] or rw == box[1]           # ... and no more than it must
         assert abs(rh / h - rw / w) <= 1.0 / min(h, w) + 1.0 / max(1, min(rh, rw))  # aspect kept
@@ -81,7 +89,8 @@ def test_whole_maps_back_as_bilinear_interpolation(generator, size):
         image_map, rows, cols = InputGeometry(size, "whole").place(h, w).to_image(model_map)
         expected = F.interpolate(model_map[None, None].double(), size=(h, w), mode="bilinear",
                                  align_corners=False)[0, 0]
-        torch.testing.assert_close(image_map.double(), expected, rtol=1e-5, atol=1e-5)
+        # float32 source coordinates on up to 500 px against float64 ones: SPEC 6's 1e-4
+        torch.testing.assert_close(image_map.double(), expected, rtol=1e-4, atol=1e-4)
         assert bool(rows.all()) and bool(cols.all())
 
 
@@ -114,7 +123,8 @@ def test_pad_map_reads_only_the_real_part(generator):
     assert image_map.shape == (100, 50) and bool(torch.isfinite(image_map).all())
     expected = F.interpolate(model_map[None, None, :, :32], size=(100, 50), mode="bilinear",
                              align_corners=False)[0, 0]
-    torch.testing.assert_close(image_map, expected, rtol=1e-5, atol=1e-5)
+    # float32 rounding of the source coordinates: a CI run saw 1.3e-5 on values of order 1
+    torch.testing.assert_close(image_map, expected, rtol=1e-4, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------- padding
