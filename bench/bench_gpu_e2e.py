@@ -10,14 +10,10 @@ Timed (median wall ms per call, each call ends with torch.cuda.synchronize()):
              centre crop (PIL), pinning, the upload, normalise, backbone, fused head, image
              score and anomaly map (upsample + blur, on the GPU).
   reference  the same with `fused=False` (the pure-PyTorch reference head).
-  official   the paper code's inference (SPEC 3, "No dead work"), float32 eager: the same crops and
-             backbone, the reference head, PLUS the official dead work: the [B, 36, 36, 1536]
-             patch features upsampled bilinear to 288 x 288 and copied to the CPU, the patch
-             scores copied to the CPU (image score = numpy max there), upsampled on the device,
-             copied back and blurred on the CPU with scipy.ndimage.gaussian_filter(sigma=4) image
-             by image (as the official `convert_to_segmentation` does). Batch 1 and 8 only (at 32 the
-             upsampled features alone are 16 GB); "vs official" compares images/s with the
-             official row of the same batch, or of its largest batch.
+  official   the paper code's inference, dead work included (e2e_common.official_style), float32
+             eager. Batch 1 and 8 only (at 32 the upsampled features alone are 16 GB); "vs
+             official" compares images/s with the official row of the same batch, or of its
+             largest batch.
   device     `model._device_forward` on a uint8 batch already on the GPU (no crop, pin or upload),
              fused, eager (check=False) and replayed from a CUDA graph: device compute alone.
 Peak GPU memory is torch.cuda.max_memory_allocated() over the timed calls (after a reset).
@@ -41,15 +37,15 @@ import time
 import traceback
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import simplenet_fast  # noqa: E402
+from e2e_common import (make_images, official_style, ranking_check, relative_error,  # noqa: E402
+                        wide_resnet_model)
 from simplenet_fast import SimpleNet  # noqa: E402
-from simplenet_fast.preprocess import iter_batches, normalise  # noqa: E402
+from simplenet_fast.preprocess import iter_batches  # noqa: E402
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 TARGET_B32_IMG_S = 2000.0
@@ -86,87 +82,14 @@ def peak_mb() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**20 if DEVICE.type == "cuda" else None
 
 
-def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
-    result, reference = result.detach().double().cpu(), reference.detach().double().cpu()
-    if not torch.isfinite(result).all() or not torch.isfinite(reference).all():
-        return float("nan")
-    return ((result - reference).norm() / reference.norm().clamp_min(1e-30)).item()
-
-
-def ranking_check(scores: torch.Tensor, reference: torch.Tensor, tol: float) -> dict:
-    """Exact ranking equality, and order kept for every pair whose reference scores differ by more
-    than tol * max|reference| (pairs closer than the tolerance may legitimately swap)."""
-    s, r = scores.double().cpu(), reference.double().cpu()
-    exact = bool(torch.equal(torch.argsort(s), torch.argsort(r)))
-    margin = tol * r.abs().max().item()
-    dr = r[:, None] - r[None, :]
-    ds = s[:, None] - s[None, :]
-    resolvable = dr.abs() > margin
-    swapped = int(((torch.sign(dr) != torch.sign(ds)) & resolvable).sum().item()) // 2
-    return {"rank_exact": exact, "rank_swaps_beyond_tol": swapped}
-
-
-def make_images(n: int, side: int, seed: int) -> list[np.ndarray]:
-    """n uint8 HxWx3 images: smooth random backgrounds with a bright blob of varying size, so
-    that image scores differ."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:side, 0:side].astype(np.float32) / side
-    images = []
-    for i in range(n):
-        base = 128 + 40 * np.sin(2 * np.pi * (rng.uniform(1, 3) * xx + rng.uniform(1, 3) * yy))
-        cy, cx, r = rng.uniform(0.3, 0.7), rng.uniform(0.3, 0.7), 0.02 + 0.1 * (i % 7) / 7
-        blob = 90 * np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / (2 * r * r))
-        img = base[..., None] + blob[..., None] + rng.normal(0, 8, (side, side, 3))
-        images.append(np.clip(img, 0, 255).astype(np.uint8))
-    return images
-
-
 def make_models(cfg: dict) -> dict[str, SimpleNet]:
-    torch.manual_seed(0)
-    base = SimpleNet("wide_resnet50_2", weights=None, image_size=cfg["image_size"], resize=cfg["resize"],
-                     pretrain_embed_dim=cfg["dims"][0], target_embed_dim=cfg["dims"][1],
-                     hidden=cfg["dims"][2], precision="float32")
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-trivial BN statistics (SPEC 6)
-        bn = base.head.discriminator.bn
-        h = bn.running_mean.numel()
-        bn.running_mean.copy_(torch.randn(h, generator=gen) * 0.3)
-        bn.running_var.copy_(torch.rand(h, generator=gen) + 0.5)
-        bn.weight.copy_(torch.rand(h, generator=gen) + 0.5)
-        bn.bias.copy_(torch.randn(h, generator=gen) * 0.2)
+    base = wide_resnet_model(cfg["image_size"], cfg["resize"], cfg["dims"])
     models = {}
     for precision in cfg["precisions"]:
         model = copy.deepcopy(base)
         model.precision = precision
         models[precision] = model.to(DEVICE).eval()
     return models
-
-
-def official_style(model: SimpleNet, images, batch_size: int):
-    """The paper code's inference, dead work included (float32, eager): see the module docstring."""
-    from scipy import ndimage
-
-    size = (model.image_size, model.image_size)
-    scores_out, maps_out = [], []
-    with torch.inference_mode():
-        for batch in iter_batches(images, batch_size, model.image_size, model.resize):
-            x = normalise(batch.to(DEVICE), model._mean, model._std).contiguous()
-            features = [f.float() for f in model.backbone(x)]
-            embeddings = model.head.embed(features)                      # [B, 36, 36, 1536]
-            patch_scores = model.head.score_embeddings(embeddings)       # [B, 36, 36]
-            patch_np = patch_scores.cpu().numpy()
-            scores_out.append(patch_np.reshape(len(patch_np), -1).max(axis=1))
-            # official convert_to_segmentation: scores upsampled on the device, then to the CPU ...
-            up = F.interpolate(torch.from_numpy(patch_np).to(DEVICE)[:, None], size=size,
-                               mode="bilinear", align_corners=False)[:, 0].cpu().numpy()
-            # ... and the features too (the dead work: nobody uses them) ...
-            feats = F.interpolate(embeddings.permute(0, 3, 1, 2), size=size, mode="bilinear",
-                                  align_corners=False).cpu().numpy()
-            del feats
-            # ... then the blur on the CPU, image by image.
-            maps_out.extend(ndimage.gaussian_filter(m, sigma=model.sigma) for m in up)
-    synchronize()
-    return np.concatenate(scores_out), np.stack(maps_out)
 
 
 def check_precision(model: SimpleNet, images, batch: int, precision: str, on_cuda: bool) -> dict:

@@ -6,8 +6,11 @@ fold in plain PyTorch, per configuration and batch:
 Each group holds, for one configuration and batch:
   - `reference`   SimpleNetHead.reference_patch_scores (SPEC 1 literally),
   - `torch_fold`  simplenet_fast._fold.folded_patch_scores_torch (SPEC 4 in plain PyTorch),
-  - `fused`       simplenet_fast._fused.fused_patch_scores (the compiled kernel, no input checks),
-  - `fused_api`   SimpleNetHead.patch_scores(fused=True) (the public call: checks + kernel),
+  - `fused`       simplenet_fast._fused.fused_patch_scores (the checked entry into the kernel,
+                  no finiteness check),
+  - `fused_api`   SimpleNetHead.patch_scores(fused=True) (the public call: checks, the registered
+                  operator torch.ops.simplenet_fast.patch_scores, the finiteness check),
+  - `fused_compiled`  the same call inside torch.compile(fullgraph=True) (compiled before timing),
   - `torch_mm`    only the two folded GEMMs of SPEC 4 in torch.mm (MKL / oneDNN) on the same
                   shapes: W2 [hidden, d2] @ [d2, B*H2*W2] and W3 [hidden, d3] @ [d3, B*H3*W3].
 Every case is checked against the reference before it is timed (SPEC 6: 1e-4 relative L2).
@@ -49,7 +52,7 @@ CONFIGS = {
     "tiny": Config((24, 40), 100, 70, 48, (10, 12), (5, 6)),
 }
 CASES = [("paper", 1), ("paper", 8), ("odd", 3), ("tiny", 3)]
-IMPLS = ["reference", "torch_fold", "fused", "fused_api", "torch_mm"]
+IMPLS = ["reference", "torch_fold", "fused", "fused_api", "fused_compiled", "torch_mm"]
 TOLERANCE = 1e-4  # SPEC 6, float32, relative L2
 
 
@@ -105,6 +108,12 @@ def runner(impl: str, state: dict):
         return lambda: _fused.fused_patch_scores(head, features)
     if impl == "fused_api":
         return lambda: head.patch_scores(features, fused=True)
+    if impl == "fused_compiled":
+        if "compiled" not in state:
+            torch._dynamo.reset()
+            state["compiled"] = torch.compile(lambda f2, f3: head.patch_scores([f2, f3], fused=True),
+                                              fullgraph=True)
+        return lambda: state["compiled"](*features)
     w2, p2, w3, p3 = state["mm"]
     return lambda: (torch.mm(w2, p2), torch.mm(w3, p3))
 
@@ -149,14 +158,14 @@ def summary(request):
     times = {(r["case"], r["impl"]): r["ms"] for r in _summary}
     lines = ["", f"fused head on the CPU: {info.get('cpu_isa')} path, OpenMP {info.get('openmp')}, "
                  f"{torch.get_num_threads()} torch threads",
-             f"{'case':<10} {'impl':<11} {'min ms':>9} {'img/s':>8} {'GFLOP/s':>8} "
+             f"{'case':<10} {'impl':<14} {'min ms':>9} {'img/s':>8} {'GFLOP/s':>8} "
              f"{'vs ref':>7} {'vs fold':>8} {'peak MB':>8}"]
     for r in _summary:
         ref, fold = times.get((r["case"], "reference")), times.get((r["case"], "torch_fold"))
         speed_ref = f"{ref / r['ms']:.1f}x" if ref else ""
         speed_fold = f"{fold / r['ms']:.2f}x" if fold else ""
         peak = "" if r["peak_mb"] is None else f"{r['peak_mb']:.0f}"
-        lines.append(f"{r['case']:<10} {r['impl']:<11} {r['ms']:>9.2f} {r['images_per_s']:>8.1f} "
+        lines.append(f"{r['case']:<10} {r['impl']:<14} {r['ms']:>9.2f} {r['images_per_s']:>8.1f} "
                      f"{r['gflops']:>8.3g} {speed_ref:>7} {speed_fold:>8} {peak:>8}")
     for r in _summary:
         if "torch_mm_gflops" in r:

@@ -4,6 +4,7 @@ memory over many repeated calls (a leak shows as a slope).
     python bench/bench_memory.py                       # WideResNet-50-2 at 288, the paper's setting
     python bench/bench_memory.py --backbone efficientnet_lite0 --image-size 288 --resize 329
     python bench/bench_memory.py --quick               # small and fast (what the slow test runs)
+    python bench/bench_memory.py --tiled               # tiling: a 4000x3000 image, Lite0, 512 tiles
 
 Every measurement runs in a fresh interpreter (`--worker ...`) and reads the kernel's exact peak of
 resident memory (VmHWM, reset after the warm-up through /proc/self/clear_refs), so that the peak
@@ -17,6 +18,11 @@ belongs to that measurement alone:
 - calls: score one image `--calls` times (500 by default), sampling the resident set every
          `--every` calls after a warm-up; reported: first and last sample, the largest, and the
          least-squares slope in KiB per call.
+- tiled: (`--tiled`) EfficientNet-Lite0 with `tiling=(--tile, --stride)` scores one PNG file of
+         H x W pixels (decode included) with `batch_size=b` windows per forward pass, for
+         several sizes and b. Bounded memory means the peak grows with b and with the image only
+         by what holds the whole image: the decoded pixels (3 bytes per pixel) and its map
+         (4 bytes per pixel, accumulated and returned), not by the number of windows.
 
 Output: a table, and with --json the raw numbers. Models use random weights; memory does not
 depend on their values.
@@ -84,9 +90,9 @@ def _model(args):
         backbone = Tiny()
     else:
         backbone = args.backbone
-    return SimpleNet(backbone, weights=None, image_size=args.image_size, resize=args.resize,
-                     pretrain_embed_dim=args.pretrain, target_embed_dim=args.target,
-                     hidden=args.hidden)
+    return SimpleNet(backbone, weights=None, image_size=args.image_size, resize_mode="crop",
+                     resize=args.resize, pretrain_embed_dim=args.pretrain,
+                     target_embed_dim=args.target, hidden=args.hidden)
 
 
 def _images(n: int, side: int, seed: int = 0):
@@ -96,26 +102,62 @@ def _images(n: int, side: int, seed: int = 0):
     return [rng.randint(0, 256, (side, side + 7, 3), dtype=np.uint8) for _ in range(n)]
 
 
+def _measured_score(model, images, batch_size: int) -> tuple[object, dict]:
+    """`model.score(images, batch_size)` with the peak of resident memory it adds (the model
+    already warmed up) and its seconds."""
+    gc.collect()
+    reset = _reset_peak()
+    before_rss, before_peak = _rss_kib(), _peak_kib()
+    start = time.perf_counter()
+    result = model.score(images, batch_size=batch_size)
+    seconds = time.perf_counter() - start
+    peak = _peak_kib()
+    return result, {"peak_added_mib": (peak - max(before_peak, before_rss)) / 1024,
+                    "peak_mib": peak / 1024, "before_mib": before_rss / 1024,
+                    "peak_was_reset": reset, "seconds": seconds}
+
+
 def worker_peak(args) -> dict:
     import torch
 
     model = _model(args)
     model.score(_images(1, args.resize), batch_size=1)  # lazy inits, the fold, the thread pool
     images = _images(args.images, args.resize, seed=1)
-    gc.collect()
-    reset = _reset_peak()
-    before_rss, before_peak = _rss_kib(), _peak_kib()
-    start = time.perf_counter()
-    result = model.score(images, batch_size=args.batch_size)
-    seconds = time.perf_counter() - start
-    peak = _peak_kib()
+    result, measured = _measured_score(model, images, args.batch_size)
     assert len(result) == args.images and bool(torch.isfinite(result.pred_score).all())
-    return {"batch_size": args.batch_size, "images": args.images,
-            "peak_added_mib": (peak - max(before_peak, before_rss)) / 1024,
-            "peak_mib": peak / 1024, "before_mib": before_rss / 1024, "peak_was_reset": reset,
+    return {"batch_size": args.batch_size, "images": args.images, **measured,
             "results_mib": sum(t.numel() * t.element_size() for t in
                                (result.anomaly_map, result.patch_scores, result.pred_score)) / 2**20,
-            "images_per_s": args.images / seconds}
+            "images_per_s": args.images / measured["seconds"]}
+
+
+def worker_tiled(args) -> dict:
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from simplenet_fast import SimpleNet
+
+    torch.manual_seed(0)
+    model = SimpleNet("efficientnet_lite0", weights=None, image_size=args.image_size,
+                      tiling=(args.tile, args.stride))
+    height, width = args.height, args.width
+    rng = np.random.default_rng(0)
+    y, x = np.mgrid[0:height, 0:width]
+    image = (120 + 40 * np.sin(x / 37.0) * np.cos(y / 53.0)).astype(np.uint8)[..., None]
+    image = np.repeat(image, 3, axis=2)
+    image[::97, :, 1] = rng.integers(0, 256, (len(range(0, height, 97)), width), dtype=np.uint8)
+    path = os.path.join(args.tmp, f"tiled_{height}x{width}.png")
+    Image.fromarray(image).save(path, compress_level=1)
+    del image, y, x
+    model.score(np.zeros((args.tile, args.tile, 3), np.uint8), batch_size=1)  # lazy inits
+    result, measured = _measured_score(model, path, args.batch_size)
+    rows, cols = model.tiling.windows(height, width)
+    assert tuple(result.anomaly_map.shape) == (1, height, width)
+    assert bool(torch.isfinite(result.anomaly_map).all())
+    return {"height": height, "width": width, "batch_size": args.batch_size,
+            "windows": len(rows) * len(cols), **measured,
+            "image_mib": height * width * 3 / 2**20, "map_mib": height * width * 4 / 2**20}
 
 
 def worker_calls(args) -> dict:
@@ -167,9 +209,35 @@ def peak_table(config: list[str], batch_sizes: list[int], images: int) -> list[d
     return rows
 
 
+def tiled_table(args) -> int:
+    import tempfile
+
+    image_size = args.image_size if args.image_size != 288 else 224  # Lite0's default
+    sizes = [(args.height // 2, args.width // 2), (args.height, args.width)]
+    print(f"SimpleNet.score memory with tiling: efficientnet_lite0 at {image_size}, tiles "
+          f"{args.tile} every {args.stride} px, one PNG per call (decode included)")
+    print(f"{'image':>11} {'windows':>7} {'batch':>5} {'peak added MiB':>15} {'image MiB':>9} "
+          f"{'map MiB':>8} {'s':>6}")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for height, width in sizes:
+            for batch in (4, 16):
+                r = run_worker("tiled", [], ["--image-size", str(image_size), "--tile",
+                                             str(args.tile), "--stride", str(args.stride),
+                                             "--height", str(height), "--width", str(width),
+                                             "--batch-size", str(batch), "--tmp", tmp])
+                rows.append(r)
+                print(f"{f'{height}x{width}':>11} {r['windows']:>7} {batch:>5} "
+                      f"{r['peak_added_mib']:>15.1f} {r['image_mib']:>9.1f} {r['map_mib']:>8.1f} "
+                      f"{r['seconds']:>6.1f}")
+    if args.json:
+        print(json.dumps({"tiled": rows}))
+    return 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--worker", choices=["peak", "calls"])
+    parser.add_argument("--worker", choices=["peak", "calls", "tiled"])
     parser.add_argument("--backbone", default="wide_resnet50_2")
     parser.add_argument("--image-size", type=int, default=288)
     parser.add_argument("--resize", type=int, default=329)
@@ -182,6 +250,13 @@ def main(argv=None) -> int:
     parser.add_argument("--calls", type=int, default=500)
     parser.add_argument("--warmup", type=int, default=20)
     parser.add_argument("--every", type=int, default=25)
+    parser.add_argument("--tiled", action="store_true",
+                        help="the tiling table: Lite0, --tile/--stride windows of H x W images")
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--stride", type=int, default=384)
+    parser.add_argument("--height", type=int, default=3000)
+    parser.add_argument("--width", type=int, default=4000)
+    parser.add_argument("--tmp", default=None, help="folder for the tiled bench's PNG files")
     parser.add_argument("--quick", action="store_true",
                         help="tiny backbone at 64 px, small head: seconds, not minutes")
     parser.add_argument("--json", action="store_true")
@@ -195,6 +270,11 @@ def main(argv=None) -> int:
     if args.worker == "calls":
         print(json.dumps(worker_calls(args)))
         return 0
+    if args.worker == "tiled":
+        print(json.dumps(worker_tiled(args)))
+        return 0
+    if args.tiled:
+        return tiled_table(args)
 
     config = _config_args(args)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]

@@ -28,7 +28,7 @@ the cheapest training wins. `--out` is rewritten after every run, so a stopped s
 rows, and `--merge` redoes the choice over the rows of several staged searches.
 
 Costs kept low: crops and backbone features of every cell of a type are computed once per
-geometry (image size, resize) and shared by every config, seed and both scoring paths; `fit`'s
+geometry (image size, resize mode) and shared by every config, seed and both scoring paths; `fit`'s
 own per-fit embedding cache is filled from them (checked against `fit`'s own embedding on one
 batch). Scoring from cached features is `_device_forward` without the backbone:
 `head.patch_scores(...).amax((1, 2))`.
@@ -58,8 +58,9 @@ import numpy as np
 import torch
 from simplenet_fast import SimpleNet, anomaly_map
 from simplenet_fast.backbones import build_backbone
-from simplenet_fast.cli import BACKBONE_DEFAULTS
+from simplenet_fast.backbones import default_config
 from simplenet_fast.data import _elpv_dataset, elpv_split, mask_to_model_view
+from simplenet_fast.geometry import default_resize
 from simplenet_fast.metrics import aupro, image_auroc, pixel_auroc
 from simplenet_fast.preprocess import normalise, preprocess_image
 from simplenet_fast.recipes import resolve_recipe
@@ -80,28 +81,28 @@ TRAIN_BATCH = 8            # fit's batch size, the paper's
 SCORE_BATCH = 16
 
 
-# The configuration chosen on validation data (bench/RESULTS.md, "Accuracy on ELPV") is the CLI's
-# default for this backbone; the defaults below read it from there, so the two cannot drift.
-CHOSEN = BACKBONE_DEFAULTS["efficientnet_lite0"]
-PAPER_RESIZE_RATIO = BACKBONE_DEFAULTS["wide_resnet50_2"]["resize_ratio"]  # 329 / 288, SPEC 1.1
+# The configuration chosen on validation data (bench/RESULTS.md, "Accuracy on ELPV") is the
+# library's declared default for this backbone; the defaults below read it from there, so the two
+# cannot drift.
+CHOSEN = default_config("efficientnet_lite0")
 
 
 @dataclass(frozen=True)
 class Config:
-    image_size: int = CHOSEN["image_size"]
-    embed_dim: int = CHOSEN["target_embed_dim"]  # pretrain_embed_dim = embed_dim unless given
-    pretrain_dim: int = 0                        # 0: same as embed_dim
-    hidden: int = CHOSEN["hidden"]
-    noise_std: float = CHOSEN["noise_std"]
-    epochs: int = CHOSEN["epochs"]
+    image_size: int = CHOSEN.image_size[0]  # square: ELPV cells are 300x300
+    embed_dim: int = CHOSEN.target_embed_dim  # pretrain_embed_dim = embed_dim unless given
+    pretrain_dim: int = 0                     # 0: same as embed_dim
+    hidden: int = CHOSEN.hidden
+    noise_std: float = CHOSEN.noise_std
+    epochs: int = CHOSEN.epochs
     # True: the paper's centre crop of the cell resized by 329/288; False: the whole cell resized
     # to image_size (no border cut off)
-    crop: bool = CHOSEN["resize_ratio"] != 1
-    recipe: str = CHOSEN.get("recipe", "paper")  # simplenet_fast.recipes: a name or text form
+    crop: bool = CHOSEN.resize_mode == "crop"
+    recipe: str = getattr(CHOSEN, "recipe", "paper")  # simplenet_fast.recipes: a name or text form
 
     @property
-    def resize(self) -> int:
-        return round(self.image_size * (PAPER_RESIZE_RATIO if self.crop else 1))
+    def resize_mode(self) -> str:
+        return "crop" if self.crop else "whole"
 
     @property
     def pretrain(self) -> int:
@@ -122,11 +123,11 @@ class Config:
 
 
 # ---------------------------------------------------------------------------------- data
-def backbone_features(raw: np.ndarray, image_size: int, resize: int, backbone
+def backbone_features(raw: np.ndarray, image_size: int, resize_mode: str, backbone
                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, float]:
     """(crops, layer-2 features, layer-3 features, preprocessing s, backbone s) of grey cells."""
     start = time.perf_counter()
-    crops = torch.stack([preprocess_image(a, image_size, resize) for a in raw])
+    crops = torch.stack([preprocess_image(a, image_size, resize_mode=resize_mode) for a in raw])
     preprocess_s = time.perf_counter() - start
     mean = torch.tensor(backbone.mean).view(1, 3, 1, 1)
     std = torch.tensor(backbone.std).view(1, 3, 1, 1)
@@ -143,13 +144,15 @@ def backbone_features(raw: np.ndarray, image_size: int, resize: int, backbone
     return crops, torch.cat(f2).clone(), torch.cat(f3).clone(), preprocess_s, backbone_s
 
 
-def synthetic_features(raw: np.ndarray, seed: int, image_size: int, resize: int, backbone
+def synthetic_features(raw: np.ndarray, seed: int, image_size: int, resize_mode: str, backbone
                        ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """(layer-2 and layer-3 features of a synthetic-defect copy of every cell, their bool masks
     [N, image_size, image_size] in the model's view)."""
     copies, masks = defective_copies(raw, seed)
-    _, f2, f3, _, _ = backbone_features(copies, image_size, resize, backbone)
-    return f2, f3, np.stack([mask_to_model_view(m, resize, image_size) for m in masks])
+    _, f2, f3, _, _ = backbone_features(copies, image_size, resize_mode, backbone)
+    resize = default_resize((image_size, image_size)) if resize_mode == "crop" else None
+    return f2, f3, np.stack([mask_to_model_view(m, resize, image_size, resize_mode)
+                             for m in masks])
 
 
 def code_version() -> str:
@@ -173,7 +176,7 @@ class CellFeatures:
     """Crops and frozen-backbone features of every cell of one type at one geometry, and of a
     synthetic-defect copy of every normal cell of that type (validation only)."""
 
-    def __init__(self, cell_type: str, image_size: int, resize: int, backbone, log=print,
+    def __init__(self, cell_type: str, image_size: int, resize_mode: str, backbone, log=print,
                  synthetic: bool = False, cache_dir: str | None = None):
         images, probs, types = _elpv_dataset()
         self.cell_type, self.image_size = cell_type, image_size
@@ -185,21 +188,21 @@ class CellFeatures:
         self.synthetic_position = {int(r): i for i, r in enumerate(normal)}
         path = None
         if cache_dir:
-            path = os.path.join(cache_dir, f"{cell_type}_{image_size}_{resize}_"
+            path = os.path.join(cache_dir, f"{cell_type}_{image_size}_{resize_mode}_"
                                 f"{'synthetic_' if synthetic else ''}{code_version()}.pt")
             if os.path.isfile(path):
                 self.__dict__.update(torch.load(path, weights_only=False))
-                log(f"  features {cell_type} {image_size}px (resize {resize}) from {path}")
+                log(f"  features {cell_type} {image_size}px ({resize_mode}) from {path}")
                 return
         self.crops, self.f2, self.f3, self.preprocess_s, self.backbone_s = backbone_features(
-            self.raw, image_size, resize, backbone)
-        log(f"  features {cell_type} {image_size}px (resize {resize}): {len(self.rows)} cells, "
+            self.raw, image_size, resize_mode, backbone)
+        log(f"  features {cell_type} {image_size}px ({resize_mode}): {len(self.rows)} cells, "
             f"preprocessing {1e3 * self.preprocess_s / len(self.rows):.2f} ms/img, backbone "
             f"{1e3 * self.backbone_s / len(self.rows):.2f} ms/img (batch {FEATURE_BATCH})")
         if synthetic:
             self.synthetic_f2, self.synthetic_f3, self.synthetic_masks = synthetic_features(
                 self.raw[self.index(normal).numpy()], SYNTHETIC_SEED + CELL_TYPES.index(cell_type),
-                image_size, resize, backbone)
+                image_size, resize_mode, backbone)
         if path:
             keep = ("crops", "f2", "f3", "preprocess_s", "backbone_s", "synthetic_f2",
                     "synthetic_f3", "synthetic_masks")
@@ -271,7 +274,7 @@ def validation_split(features: CellFeatures, train_rows: np.ndarray) -> tuple[np
 
 # ---------------------------------------------------------------------------------- model
 def make_model(cfg: Config, backbone) -> SimpleNet:
-    return SimpleNet(backbone=backbone, image_size=cfg.image_size, resize=cfg.resize,
+    return SimpleNet(backbone=backbone, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                      pretrain_embed_dim=cfg.pretrain, target_embed_dim=cfg.embed_dim,
                      hidden=cfg.hidden, noise_std=cfg.noise_std, recipe=cfg.recipe)
 
@@ -367,7 +370,7 @@ class Features:
         self.held: dict = {}
 
     def get(self, cell_type: str, cfg: Config) -> CellFeatures:
-        geometry = (cfg.image_size, cfg.resize)
+        geometry = (cfg.image_size, cfg.resize_mode)
         if (cell_type, geometry) not in self.held:
             for k in [k for k in self.held if k[1] != geometry]:
                 del self.held[k]
@@ -547,12 +550,12 @@ class SyntheticTest:
     masks: np.ndarray  # [n copies, S, S]
 
     @classmethod
-    def of(cls, f: CellFeatures, split, seed: int, image_size: int, resize: int, backbone
+    def of(cls, f: CellFeatures, split, seed: int, image_size: int, resize_mode: str, backbone
            ) -> "SyntheticTest":
         normal = f.index(split.test_index[split.test_labels == 0])
         f2, f3, masks = synthetic_features(
             f.raw[normal.numpy()], SYNTHETIC_TEST_SEED + 10 * seed + CELL_TYPES.index(f.cell_type),
-            image_size, resize, backbone)
+            image_size, resize_mode, backbone)
         labels = np.repeat(np.array([0, 1]), len(normal))
         return cls(torch.cat([f.f2[normal], f2]), torch.cat([f.f3[normal], f3]), labels, masks)
 
@@ -607,7 +610,7 @@ def run_nearest_neighbour(args, cell_types, log) -> dict:
                    "auroc": image_auroc(split.test_labels, scores.amax((1, 2)).numpy()),
                    "memory_fraction": args.nn_memory_fraction}
             if args.synthetic_test:
-                test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize, feats.backbone)
+                test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize_mode, feats.backbone)
                 row.update(test.metrics(nearest_neighbour_scores(
                     memory, embed_features(model, test.f2, test.f3)), model.sigma))
             rows.append({**row, "seconds": time.perf_counter() - start})
@@ -647,7 +650,7 @@ def run_protocol(args, cell_types, log) -> dict:
                 row["max_score_diff"] = float(np.abs(fused - reference).max())
                 assert row["auroc_diff"] <= AUROC_AGREEMENT, row
             if args.synthetic_test:
-                test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize, feats.backbone)
+                test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize_mode, feats.backbone)
                 row.update(test.metrics(patch_scores(model, test.f2, test.f3, fused=True),
                                         model.sigma))
             if k == 0 and args.end_to_end:

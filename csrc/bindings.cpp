@@ -17,6 +17,13 @@ T* pointer(const py::dict& d, const char* key) {
   return reinterpret_cast<T*>(d[key].cast<uintptr_t>());
 }
 
+// A pointer only one device's kernel reads (head.h: the CPU kernel's pooling tables): null when
+// the caller leaves it out.
+template <typename T>
+T* optional_pointer(const py::dict& d, const char* key) {
+  return d.contains(key) ? pointer<T>(d, key) : nullptr;
+}
+
 int32_t int_field(const py::dict& d, const char* key) { return d[key].cast<int32_t>(); }
 
 FusedHeadParams params_from_dict(const py::dict& d) {
@@ -33,8 +40,10 @@ FusedHeadParams params_from_dict(const py::dict& d) {
   p.compute_dtype = static_cast<DType>(int_field(d, "compute_dtype"));
   p.negative_slope = d["negative_slope"].cast<float>();
   p.pool2 = {pointer<const int32_t>(d, "pool2_index"), pointer<const float>(d, "pool2_weight"),
+             optional_pointer<const int64_t>(d, "pool2_offset"), optional_pointer<const int32_t>(d, "pool2_neighbour"),
              int_field(d, "pool2_columns"), int_field(d, "pool2_width")};
   p.pool3 = {pointer<const int32_t>(d, "pool3_index"), pointer<const float>(d, "pool3_weight"),
+             optional_pointer<const int64_t>(d, "pool3_offset"), optional_pointer<const int32_t>(d, "pool3_neighbour"),
              int_field(d, "pool3_columns"), int_field(d, "pool3_width")};
   p.up_y = {pointer<const int32_t>(d, "up_y_i0"), pointer<const int32_t>(d, "up_y_i1"),
             pointer<const float>(d, "up_y_lambda1")};
@@ -89,6 +98,17 @@ PYBIND11_MODULE(_C, m) {
         simplenet_fast::fused_head_cpu(p);
       },
       "Fused head on the CPU; call simplenet_fast._fused instead, which checks the inputs");
+  m.def("packed_weight_floats_cpu", &simplenet_fast::packed_weight_floats_cpu,
+        "Floats of a [rows, depth] weight packed for fused_head_cpu (the running CPU path's layout)");
+  m.def(
+      "pack_weight_cpu",
+      [](uintptr_t weight, int32_t rows, int32_t depth, uintptr_t packed) {
+        py::gil_scoped_release release;
+        simplenet_fast::pack_weight_cpu(reinterpret_cast<const float*>(weight), rows, depth,
+                                        reinterpret_cast<float*>(packed));
+      },
+      "Packs a float32 [rows, depth] weight into a buffer of packed_weight_floats_cpu floats; call "
+      "simplenet_fast._fused instead, which checks the inputs");
 #ifdef SIMPLENET_FAST_WITH_CUDA
   m.def(
       "fused_head_cuda",

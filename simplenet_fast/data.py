@@ -3,8 +3,10 @@
 - ``image_files(folder)``: sorted image paths of a folder.
 - ``MVTecCategory(root)``: one MVTec AD category (``train/good``, ``test/<defect>``,
   ``ground_truth/<defect>/<name>_mask.png``); ``mvtec_categories(root)`` lists a dataset's.
-- ``mask_to_model_view(mask, resize, image_size)``: a ground-truth mask put through the same
-  geometry as the images (SPEC 1.1), so it lines up pixel for pixel with the anomaly maps.
+- ``mask_to_model_view(mask, resize, image_size, resize_mode)``: a ground-truth mask put through
+  the same geometry as the images (SPEC 1.1, 8), so it lines up pixel for pixel with the
+  model-size anomaly maps. (Maps in the image's own pixels, ``score(map_size="input")``, line up
+  with the masks as they are.)
 - ``elpv_split(cell_type, seed)``: the ELPV train/test split of SPEC 7. The images come from the
   optional ``elpv-dataset`` package (CC BY-NC-SA 4.0: for evaluation, never shipped here).
 """
@@ -19,7 +21,8 @@ from typing import Optional, Sequence, Union
 import numpy as np
 from PIL import Image
 
-from .preprocess import IMAGE_EXTENSIONS, _is_image, crop_offset, image_files, resized_size
+from .geometry import RESIZE_MODES, InputGeometry, crop_offset, resized_size
+from .preprocess import IMAGE_EXTENSIONS, _is_image, image_files
 
 __all__ = [
     "IMAGE_EXTENSIONS", "image_files",
@@ -61,16 +64,30 @@ def _crop_box(height: int, width: int, crop: Union[int, Sequence[int]]
     return crop_offset(height, ch), crop_offset(width, cw), ch, cw  # the images' own offsets
 
 
+def _resize_nearest(mask: np.ndarray, height: int, width: int) -> np.ndarray:
+    """bool mask resized with PIL's NEAREST filter, so that it stays binary."""
+    if (height, width) == mask.shape:
+        return mask
+    img = Image.fromarray(mask.astype(np.uint8) * 255)  # 2-D uint8: mode "L"
+    return np.asarray(img.resize((width, height), _NEAREST)) > 0
+
+
 def mask_to_model_view(mask: Union[np.ndarray, Image.Image],
                        resize: Union[int, Sequence[int], None],
-                       image_size: Union[int, Sequence[int], None]) -> np.ndarray:
-    """A ground-truth mask in the geometry the model sees its image in (SPEC 1.1).
+                       image_size: Union[int, Sequence[int], None],
+                       resize_mode: str = "crop") -> np.ndarray:
+    """A ground-truth mask in the geometry the model sees its image in (SPEC 1.1, 8).
 
-    Resize the short side to ``resize`` (PIL, NEAREST, so the mask stays binary; the long side
-    follows torchvision's rounding) and centre-crop ``image_size`` with the offset
-    ``int(round((h - crop) / 2))``. The result is a bool [image_size, image_size] array that lines
-    up with the model's anomaly map. ``None`` skips that step (``resize=None, image_size=None``
-    returns the mask unchanged).
+    The mask goes where its image goes (`simplenet_fast.geometry`), resampled with PIL's NEAREST
+    filter so that it stays binary; the result is a bool [H, W] array (``image_size``) that lines
+    up with the model-size anomaly map:
+
+    - ``"crop"``: scaled as the image (``resize``: the short side of the box it covers; for a
+      square ``image_size``, torchvision's short-side resize) and centre-cropped with the offset
+      ``int(round((h - crop) / 2))``. Either step may be skipped with None (``resize=None,
+      image_size=None`` returns the mask unchanged), and ``resize`` may be an exact (H, W).
+    - ``"whole"``: resized to ``image_size`` (``resize`` must be None).
+    - ``"pad"``: scaled into ``image_size`` at the top-left; the padding is False.
     """
     if isinstance(mask, Image.Image):
         mask = np.asarray(mask.convert("L")) > 0
@@ -78,11 +95,21 @@ def mask_to_model_view(mask: Union[np.ndarray, Image.Image],
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D [H, W], got shape {mask.shape}")
     mask = mask != 0
+    if resize_mode not in RESIZE_MODES:
+        raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {resize_mode!r}")
+    if resize_mode != "crop" or (isinstance(resize, (int, np.integer)) and image_size is not None):
+        if image_size is None:
+            raise ValueError(f"resize_mode {resize_mode!r} needs the model's image_size")
+        placement = InputGeometry(image_size, resize_mode,
+                                  None if resize is None else int(resize)).place(*mask.shape)
+        resized = _resize_nearest(mask, *placement.resized)
+        (top, left), (height, width) = placement.offset, placement.image_size
+        out = np.zeros((height, width), dtype=bool)
+        part = resized[top:top + height, left:left + width]
+        out[:part.shape[0], :part.shape[1]] = part
+        return out
     if resize is not None:
-        h, w = _resized_size(*mask.shape, resize)
-        if (h, w) != mask.shape:
-            img = Image.fromarray(mask.astype(np.uint8) * 255)  # 2-D uint8: mode "L"
-            mask = np.asarray(img.resize((w, h), _NEAREST)) > 0
+        mask = _resize_nearest(mask, *_resized_size(*mask.shape, resize))
     if image_size is not None:
         top, left, ch, cw = _crop_box(*mask.shape, image_size)
         mask = mask[top:top + ch, left:left + cw]
@@ -188,12 +215,15 @@ class MVTecCategory:
         return items
 
     def load_mask(self, item: TestItem, size: Union[int, Sequence[int], None] = None,
-                  crop: Union[int, Sequence[int], None] = None) -> np.ndarray:
+                  crop: Union[int, Sequence[int], None] = None,
+                  resize_mode: str = "crop") -> np.ndarray:
         """The ground truth of ``item`` as a bool array, True on defect pixels.
 
-        Good images give all False at the image's size. ``size`` and ``crop`` are the image
-        preprocessing's short-side resize and centre crop (SPEC 1.1: 329 and 288); with them the
-        mask is ``mask_to_model_view(mask, size, crop)`` and lines up with the anomaly map.
+        Without geometry: at the image's own size (what ``score(map_size="input")`` maps line up
+        with); good images give all False. ``size`` (crop mode's resize, or None), ``crop`` (the
+        model's image_size) and ``resize_mode`` give ``mask_to_model_view(mask, size, crop,
+        resize_mode)``, which lines up with the model-size anomaly map. Raises ValueError when the
+        mask's size differs from its image's.
         """
         with Image.open(item.path) as img:
             width, height = img.size
@@ -209,7 +239,7 @@ class MVTecCategory:
                                  f"its image {item.path} is {width}x{height}")
         if size is None and crop is None:
             return mask
-        return mask_to_model_view(mask, size, crop)
+        return mask_to_model_view(mask, size, crop, resize_mode)
 
 
 def mvtec_categories(root: PathLike) -> list[str]:

@@ -86,7 +86,6 @@ class SimpleNetHead(nn.Module):
         self.adaptor = nn.Linear(self.target_embed_dim, self.target_embed_dim)
         self.discriminator = Discriminator(self.target_embed_dim, self.hidden, negative_slope, bn_eps)
         self.reset_parameters()
-        self._fold_cache: dict = {}
 
     def reset_parameters(self) -> None:
         """Official init (SPEC 2): xavier_normal_ Linear weights, default biases, BN 1 / 0."""
@@ -137,16 +136,19 @@ class SimpleNetHead(nn.Module):
                      compute_dtype: torch.dtype = torch.float32, check_finite: bool = True) -> Tensor:
         """Raw patch scores [B, H2, W2] of the backbone maps ([B, C2, H2, W2], [B, C3, H3, W3]).
 
-        `fused=False` runs the reference; `fused=True` the compiled extension (SPEC 4), which is
+        `fused=False` runs the reference; `fused=True` the compiled extension (SPEC 4) through
+        the operator `torch.ops.simplenet_fast.patch_scores` (`simplenet_fast.ops`), which is
         inference-only and raises for inputs that require grad; `fused=None` picks the fused path
         when the extension supports the inputs' device and nothing requires grad.
         `compute_dtype` is the fused GEMMs' operand type (bfloat16 on CUDA uses tensor cores).
         `check_finite=False` skips the NaN / Inf check of the scores, the only step that waits
         for the device: for CUDA-graph capture, with the check done by the caller afterwards.
+        The check runs inside an operator on either path, so torch.compile traces this method
+        without a graph break.
         """
-        from . import _fused
+        from . import _fused, ops
 
-        _fused.check_features(self, features)
+        _fused.check_features(features, self.channels)
         if fused is None:
             fused = _fused.can_run(features) and not _needs_grad(features)
         if not fused:
@@ -154,43 +156,40 @@ class SimpleNetHead(nn.Module):
             # CPU kernel) are widened to it rather than failing inside F.linear.
             dtype = self.adaptor.weight.dtype
             scores = self.reference_patch_scores([f.to(dtype) for f in features])
-        elif _needs_grad(features):
+            return ops.check_finite_scores(scores, *features) if check_finite else scores
+        if _needs_grad(features):
             raise ValueError("the fused head is inference-only: features require grad; "
                              "use fused=False to differentiate through the reference")
-        else:
-            scores = _fused.fused_patch_scores(self, features, compute_dtype=compute_dtype)
-        if check_finite:
-            check_scores(scores, features)
-        return scores
+        disc = self.discriminator
+        # Detached: the fused scores have no gradient with respect to the weights. (Not through
+        # torch.no_grad(): a compiled graph that raises inside it leaves grad mode off.)
+        weights = [w.detach() for w in self.operator_weights()]
+        config = (self.pretrain_embed_dim, disc.bn.eps, disc.negative_slope)
+        if torch.compiler.is_compiling():
+            # The operator checks in eager calls. Checking in the traced code too lets dynamo
+            # raise the ValueError itself (a fake kernel's error reaches the caller wrapped in
+            # a TorchRuntimeError); it costs guards, no run time.
+            _fused.check_inputs(features, weights, *config, compute_dtype)
+        return ops.patch_scores(*features, *weights, *config, compute_dtype, check_finite)
 
     def folded(self, device: torch.device | str = "cpu"):
         """The SPEC 4 fold of the current weights on `device`, cached until any weight changes."""
-        from ._fold import fold_head
+        from . import _fused
 
-        device = torch.device(device)
-        return self._cached(("fold", device), lambda: fold_head(self).to(device))
-
-    def folded_weights(self, device: torch.device | str, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """(weight2, weight3) of the fold cast to `dtype` for tensor-core GEMMs, cached likewise."""
-        folded = self.folded(device)
-        return self._cached(("weights", torch.device(device), dtype),
-                            lambda: (folded.weight2.to(dtype), folded.weight3.to(dtype)))
+        disc = self.discriminator
+        return _fused.folded(self.operator_weights(), self.channels, self.pretrain_embed_dim,
+                             disc.bn.eps, disc.negative_slope, torch.device(device))
 
     def weights_state(self) -> tuple:
         """Storage and version counter of every tensor the fold reads: an optimiser step,
-        load_state_dict or load_official_state_dict changes it. Keys the fold cache here and the
-        model's captured CUDA graphs."""
-        return tuple((t.data_ptr(), t._version) for t in self._fold_inputs())
+        load_state_dict or load_official_state_dict changes it. Keys the model's captured CUDA
+        graphs (the fold's own cache is `_fused._WeightStateCache`)."""
+        return tuple((t.data_ptr(), t._version) for t in self.operator_weights())
 
-    def _cached(self, key, build):
-        state = self.weights_state()  # a changed weight redoes the fold
-        cached = self._fold_cache.get(key)
-        if cached is None or cached[0] != state:
-            cached = (state, build())
-            self._fold_cache[key] = cached
-        return cached[1]
-
-    def _fold_inputs(self) -> list[Tensor]:
+    def operator_weights(self) -> list[Tensor]:
+        """The head's raw tensors in the order `torch.ops.simplenet_fast.patch_scores` takes them
+        (`_fused.WEIGHT_NAMES`): adaptor weight and bias, first discriminator layer weight and
+        bias, BN weight, bias, running mean and variance, tail weight. The fold reads these."""
         disc = self.discriminator
         return [self.adaptor.weight, self.adaptor.bias, disc.linear.weight, disc.linear.bias,
                 disc.bn.weight, disc.bn.bias, disc.bn.running_mean, disc.bn.running_var,

@@ -94,7 +94,9 @@ def _pairs(masks: Any, maps: Any) -> list[tuple[np.ndarray, np.ndarray]]:
     for i, (m, a) in enumerate(zip(mask_list, map_list)):
         if m.shape != a.shape:
             raise ValueError(f"mask {i} has shape {m.shape} but map {i} has shape {a.shape}; "
-                             "resize the masks to the model's view first (data.mask_to_model_view)")
+                             "score with map_size='input' for maps at the masks' own "
+                             "size, or put the masks in the model's view "
+                             "(data.mask_to_model_view)")
         out.append((_binary(m, f"masks[{i}]"), _scores(a, f"maps[{i}]")))
     return out
 

@@ -71,8 +71,21 @@ def anomaly_map(patch_scores: Tensor, size: tuple[int, int] | int, sigma: float 
 
     The blur follows scipy.ndimage.gaussian_filter(sigma, truncate=4, mode='reflect'), as the
     official code does on the CPU; here it runs on the scores' device. With `size` equal to the
-    scores' own size it is the blur alone.
+    scores' own size it is the blur alone. Runs as the operator
+    `torch.ops.simplenet_fast.anomaly_map` (`simplenet_fast.ops`), so that torch.compile and
+    torch.export take the cached axis operators as they are instead of tracing their
+    construction.
     """
+    from . import ops
+
+    size = check_map_inputs(patch_scores, size, sigma)
+    return ops.anomaly_map(patch_scores, size[0], size[1], float(sigma))
+
+
+def check_map_inputs(patch_scores: Tensor, size: tuple[int, int] | int, sigma: float
+                     ) -> tuple[int, int]:
+    """Raise a ValueError unless `anomaly_map` can make a map of `size` from `patch_scores`;
+    returns size as (H, W)."""
     if not isinstance(patch_scores, Tensor) or patch_scores.dim() != 3:
         raise ValueError(f"patch_scores must be a [B, h, w] tensor, got "
                          f"{list(patch_scores.shape) if isinstance(patch_scores, Tensor) else type(patch_scores).__name__}")
@@ -84,6 +97,11 @@ def anomaly_map(patch_scores: Tensor, size: tuple[int, int] | int, sigma: float 
     if len(size) != 2 or min(size) <= 0:
         raise ValueError(f"size must be (H, W) with positive entries, got {size}")
     check_sigma(sigma, size)
+    return size
+
+
+def map_from_scores(patch_scores: Tensor, size: tuple[int, int], sigma: float) -> Tensor:
+    """`anomaly_map` on checked inputs, eagerly: the operator's kernel."""
     if patch_scores.shape[0] == 0:
         return patch_scores.new_empty(0, *size)
     _, h, w = patch_scores.shape

@@ -1,8 +1,10 @@
-"""Images in, 8-bit centre crops out (SPEC.md section 1, step 1), with pillow, numpy and torch only.
+"""Images in, 8-bit model inputs out (SPEC.md sections 1.1 and 8), with pillow, numpy and torch only.
 
-Every accepted input becomes a `uint8` crop `[image_size, image_size, 3]` (HWC, RGB). Crops stay
+Every accepted input is decoded once (`decode`) and becomes a `uint8` model input
+`[H, W, 3]` (HWC, RGB) by the model's `InputGeometry` (`simplenet_fast.geometry`: crop, whole or
+pad, and tiling), together with the `Placement` that says where the image landed. Inputs stay
 8-bit until they reach the model's device, where `(x / 255 - mean) / std` happens once per batch
-(`SimpleNet._device_forward`): a 288 crop is 249 KB as uint8 against 995 KB as float32, and the
+(`SimpleNet._device_forward`): a 288 input is 249 KB as uint8 against 995 KB as float32, and the
 host-to-device copy is 4x smaller.
 
 Accepted inputs (one image each, unless said otherwise):
@@ -14,6 +16,7 @@ Accepted inputs (one image each, unless said otherwise):
 - a numpy array `HxW`, or `HxWxC` with C = 1 (grey), 3 (RGB) or 4 (RGBA), of dtype uint8 or uint16;
 - a torch tensor `CxHxW` (one image) or `BxCxHxW` (B images), C = 1 or 3, either float with
   values in [0, 1] or uint8 with values in 0..255;
+- a `PreparedImage` (`prepare_image`: decoded, e.g. in a worker thread, for one geometry);
 - a list or tuple of any of these, or any other iterable of them (a generator, a
   `torch.utils.data.DataLoader` yielding `[B, 3, H, W]` tensors or lists of paths).
 
@@ -28,36 +31,39 @@ CMYK goes through PIL's formula. Where we deliberately differ:
 - 32-bit float images (PIL mode `F`) have no defined range and are refused; pass a float tensor
   in [0, 1] instead.
 
-Geometry (torchvision's `Resize(resize)` then `CenterCrop(image_size)`, on which the official
-code and its published numbers rely): the short side becomes `resize` and the long side
-`int(resize * long / short)`, with PIL's bilinear filter (`Image.resize(..., Image.BILINEAR)`,
-antialiased when shrinking); then the centre `image_size` square is cut at offset
-`int(round((side - image_size) / 2))` (20 for 329 -> 288). An image whose size already matches is
-not resampled (torchvision returns it as it is, and so does PIL).
+Resampling: the image is resized to its placement's `resized` size with PIL's bilinear filter
+(`Image.resize(..., Image.BILINEAR)`, antialiased when shrinking), then cut ("crop": at the
+placement's offset, `int(round((side - crop) / 2))`, 20 for 329 -> 288) or pasted at the top-left
+of a zero canvas ("pad"; the model sets the padding to its mean colour after normalisation). In
+crop mode with a square `image_size` this is torchvision's `Resize(resize)` then
+`CenterCrop(image_size)`, on which the official code and its published numbers rely. An image
+whose size already matches is not resampled (torchvision returns it as it is, and so does PIL).
 
 - **uint8 tensors** go through exactly the same PIL path as arrays and files: same bytes, same
   scores.
 - **float tensors** are resampled with `torch.nn.functional.interpolate(mode="bilinear",
   antialias=True)`, which follows PIL's filter closely but is **not bit-identical** to it (PIL
   rounds to 8 bits between its two separable passes; expect differences of about one grey level).
-  The crop is then rounded to 8 bits (`round(x * 255)`), as PIL's output is: a float tensor made
-  as `uint8 / 255` at a size that needs no resampling gives exactly the crop of the uint8 image.
-  Float tensors are processed on their own device and the crop is moved to the CPU.
+  The input is then rounded to 8 bits (`round(x * 255)`), as PIL's output is: a float tensor made
+  as `uint8 / 255` at a size that needs no resampling gives exactly the input of the uint8 image.
+  Float tensors are processed on their own device and the input is moved to the CPU.
 
 Not applied, as in the official code: EXIF orientation (use `PIL.ImageOps.exif_transpose` first if
 your camera relies on it). Multi-frame files (animated GIF, APNG, multi-page TIFF) give their
 first frame, as PIL decodes it.
 
 Limits (errors, not crashes): files over PIL's decompression-bomb limit (`PIL.Image.MAX_IMAGE_PIXELS`
-x 2 pixels) are refused before they are decoded, and any image whose resized size (short side
-`resize`, before the crop) would exceed `PIL.Image.MAX_IMAGE_PIXELS` is refused before it is
-resized, e.g. a 1 x 100000 strip (329 x 32,900,000 at the paper's resize).
+x 2 pixels) are refused before they are decoded, and in crop mode any image whose resized size
+(before the crop) would exceed `PIL.Image.MAX_IMAGE_PIXELS` is refused before it is resized, e.g.
+a 1 x 100000 strip (329 x 32,900,000 at the paper's resize).
 """
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Union
+from typing import Any, Iterable, Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -65,51 +71,24 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
+from .geometry import InputGeometry, Placement, crop_offset, resized_size
+
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".ppm",
                               ".pgm", ".pbm", ".gif"})
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor]
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray, Tensor, "PreparedImage"]
+# A decoded image: a PIL image in mode "RGB" or "L" (grey stays one channel until the input is
+# made: the same bytes as convert("RGB") first, at a third of the resize work), or a float tensor
+# [1|3, h, w] with values in [0, 1].
+Decoded = Union[Image.Image, Tensor]
 
 _EXPECTED = ("an image path or folder, a PIL image, an HxW / HxWxC (C = 1, 3, 4) uint8 or uint16 "
              "numpy array, a CxHxW / BxCxHxW (C = 1, 3) float tensor in [0, 1] or uint8 tensor, "
-             "or a list of these")
+             "a PreparedImage, or a list of these")
 _16BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 
 
-# ---------------------------------------------------------------------------------- geometry
-def resized_size(height: int, width: int, resize: int) -> tuple[int, int]:
-    """torchvision `Resize(int)`: the short side becomes `resize`, the long `int(resize*long/short)`."""
-    if width <= height:
-        return int(resize * height / width), resize
-    return resize, int(resize * width / height)
-
-
-def crop_offset(size: int, crop: int) -> int:
-    """torchvision `CenterCrop`: `int(round((size - crop) / 2))` (Python's round, half to even)."""
-    return int(round((size - crop) / 2.0))
-
-
-def _check_resized(height: int, width: int, resize: int, what: str) -> tuple[int, int]:
-    """`resized_size`, refusing results larger than PIL's decompression-bomb limit: the whole
-    resized image is materialised before the crop, and an extreme aspect ratio (a 1 x 100000
-    strip, 100 KB as a PNG) would otherwise ask for gigabytes (329 x 32,900,000 RGB)."""
-    new_h, new_w = resized_size(height, width, resize)
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and new_h * new_w > limit:
-        raise ValueError(f"{what}: a {height}x{width} image would be resized to {new_h}x{new_w} "
-                         f"(short side {resize}), over PIL.Image.MAX_IMAGE_PIXELS = {limit} "
-                         "pixels; crop it to a less extreme aspect ratio first")
-    return new_h, new_w
-
-
-def _check_geometry(image_size: int, resize: int) -> None:
-    if not isinstance(image_size, int) or not isinstance(resize, int) or image_size <= 0:
-        raise ValueError(f"image_size and resize must be positive ints, got {image_size!r}, {resize!r}")
-    if resize < image_size:
-        raise ValueError(f"resize (short side, {resize}) must be >= image_size (crop, {image_size})")
-
-
-# ---------------------------------------------------------------------------------- one image
+# ---------------------------------------------------------------------------------- decoding
 def _to_8bit(values: np.ndarray, what: str) -> np.ndarray:
     """uint16 (or 0..65535 int32) -> uint8 by the 16-bit range: round(v / 257)."""
     if values.dtype.kind == "i":  # PIL mode "I": int32 that must hold 16-bit data
@@ -143,7 +122,7 @@ def _array_to_pil(array: np.ndarray, what: str) -> Image.Image:
 
 
 def _pil_rgb(image: Image.Image, what: str) -> Image.Image:
-    """PIL `convert("RGB")` (grayscale "L" deferred to _crop_pil), except 16-bit data, which is
+    """PIL `convert("RGB")` (grayscale "L" kept: see `Decoded`), except 16-bit data, which is
     scaled to 8 bits first (module doc)."""
     if image.width == 0 or image.height == 0:
         raise ValueError(f"{what}: empty image of size {image.width}x{image.height}")
@@ -153,9 +132,7 @@ def _pil_rgb(image: Image.Image, what: str) -> Image.Image:
         raise ValueError(f"{what}: 32-bit float images (PIL mode 'F') have no defined range; pass a "
                          "CxHxW float tensor with values in [0, 1] or an 8/16-bit image")
     if image.mode in ("RGB", "L"):
-        # Grayscale stays one channel through the resize and crop, and becomes RGB in
-        # _crop_pil: the same bytes as convert("RGB") first (R = G = B = L), at a third of the
-        # resize work (1.18 -> 0.43 ms per 300x300 ELPV cell).
+        # Grayscale stays one channel through the resize (1.18 -> 0.43 ms per 300x300 ELPV cell).
         return image
     try:
         return image.convert("RGB")
@@ -163,33 +140,16 @@ def _pil_rgb(image: Image.Image, what: str) -> Image.Image:
         raise ValueError(f"{what}: cannot convert PIL mode {image.mode!r} to RGB: {error}") from error
 
 
-def _crop_pil(image: Image.Image, image_size: int, resize: int, what: str = "image") -> Tensor:
-    """RGB or L PIL image -> uint8 [S, S, 3]: bilinear short-side resize, centre crop (module doc)."""
-    height, width = image.height, image.width
-    new_h, new_w = _check_resized(height, width, resize, what)
-    if (new_h, new_w) != (height, width):
-        image = image.resize((new_w, new_h), Image.BILINEAR)
-    top, left = crop_offset(new_h, image_size), crop_offset(new_w, image_size)
-    image = image.crop((left, top, left + image_size, top + image_size))
-    crop = np.array(image, dtype=np.uint8, copy=True)
-    if crop.ndim == 2:  # "L" (see _pil_rgb)
-        crop = np.repeat(crop[:, :, None], 3, axis=2)
-    return torch.from_numpy(crop)
-
-
-def _open_path(path: Path, image_size: int, resize: int) -> Tensor:
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[str]:
+    """Clear errors for a file that cannot be opened or decoded; yields its name for messages."""
     where = f"image file {str(path)!r}"
     if not path.exists():
         raise FileNotFoundError(f"{where} does not exist")
     if path.is_file() and path.stat().st_size == 0:
         raise ValueError(f"{where} is empty (0 bytes)")
     try:
-        image = Image.open(path)
-        try:
-            image.load()  # decode now: truncated and corrupt files fail here, not later
-        except BaseException:
-            image.close()
-            raise
+        yield where
     except Image.DecompressionBombError as error:
         raise ValueError(f"{where} is refused as a possible decompression bomb ({error}); if you "
                          "trust it, raise PIL.Image.MAX_IMAGE_PIXELS") from error
@@ -202,12 +162,32 @@ def _open_path(path: Path, image_size: int, resize: int) -> Tensor:
     except Exception as error:  # truncated data, bad headers: OSError, SyntaxError, EOFError, and
         # the ValueError / struct.error / IndexError some plugins raise on damaged headers (PPM)
         raise ValueError(f"{where} cannot be decoded (truncated or corrupt?): {error}") from error
+
+
+def _open_path(path: Path) -> Image.Image:
+    with _reading(path) as where:
+        image = Image.open(path)
+        try:
+            image.load()  # decode now: truncated and corrupt files fail here, not later
+        except BaseException:
+            image.close()
+            raise
     with image:  # our own checks below name the file themselves
-        return _crop_pil(_pil_rgb(image, where), image_size, resize, where)
+        rgb = _pil_rgb(image, where)
+        # the file closes on leaving the block, and with it an image that was not converted
+        return rgb.copy() if rgb is image else rgb
 
 
-def _crop_float_tensor(x: Tensor, image_size: int, resize: int, what: str) -> Tensor:
-    """float [1|3, H, W] in [0, 1] -> uint8 [S, S, 3] via interpolate(antialias=True) (module doc)."""
+def image_header_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of an image file, read from its header (nothing is decoded)."""
+    path = Path(path)
+    with _reading(path):
+        with Image.open(path) as image:
+            return image.height, image.width
+
+
+def _float_tensor(x: Tensor, what: str) -> Tensor:
+    """A float [1|3, h, w] image tensor checked to hold finite values in [0, 1]."""
     x = x.detach()
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{what}: float image tensor contains NaN or Inf")
@@ -216,54 +196,229 @@ def _crop_float_tensor(x: Tensor, image_size: int, resize: int, what: str) -> Te
         hint = " (0..255 data? divide by 255, or pass a uint8 tensor)" if high > 1.0 else ""
         raise ValueError(f"{what}: float image tensors must hold values in [0, 1], got "
                          f"{low:.4g}..{high:.4g}{hint}")
-    height, width = x.shape[-2:]
-    new_h, new_w = _check_resized(height, width, resize, what)
-    x = x.float()[None]
-    if (new_h, new_w) != (height, width):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False,
-                          antialias=True)
-    top, left = crop_offset(new_h, image_size), crop_offset(new_w, image_size)
-    x = x[0, :, top:top + image_size, left:left + image_size]
-    crop = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
-    return crop.expand(3, -1, -1).permute(1, 2, 0).cpu().contiguous()
+    return x
 
 
-def _crop_tensor(x: Tensor, image_size: int, resize: int, what: str) -> Tensor:
-    """One CxHxW tensor (float in [0, 1] or uint8) -> uint8 [S, S, 3]."""
+def _decode_tensor(x: Tensor, what: str) -> Decoded:
     if x.dim() != 3 or x.shape[0] not in (1, 3):
         raise ValueError(f"{what}: an image tensor must be CxHxW or BxCxHxW with C = 1 or 3, got "
                          f"shape {list(x.shape)}")
     if x.shape[1] == 0 or x.shape[2] == 0:
         raise ValueError(f"{what}: empty image tensor of shape {list(x.shape)}")
     if x.dtype == torch.uint8:
-        array = x.detach().cpu().permute(1, 2, 0).numpy()
-        return _crop_pil(_pil_rgb(_array_to_pil(array, what), what), image_size, resize, what)
+        return _pil_rgb(_array_to_pil(x.detach().cpu().permute(1, 2, 0).numpy(), what), what)
     if x.is_floating_point():
-        return _crop_float_tensor(x, image_size, resize, what)
+        return _float_tensor(x, what)
     raise ValueError(f"{what}: image tensors must be float (values in [0, 1]) or uint8, got {x.dtype}")
 
 
-def preprocess_image(source: ImageSource, image_size: int = 288, resize: int = 329,
-                     what: str = "image") -> Tensor:
-    """One image -> uint8 crop `[image_size, image_size, 3]` (module doc). `what` names it in errors."""
-    _check_geometry(image_size, resize)
+def decode(source: ImageSource, what: str = "image") -> Decoded:
+    """One image source -> its decoded pixels (`Decoded`), at the image's own size."""
     if isinstance(source, (str, os.PathLike)):
-        return _open_path(Path(source), image_size, resize)
+        return _open_path(Path(source))
     if isinstance(source, Image.Image):
-        return _crop_pil(_pil_rgb(source, what), image_size, resize, what)
+        return _pil_rgb(source, what)
     if isinstance(source, np.ndarray):
-        return _crop_pil(_pil_rgb(_array_to_pil(source, what), what), image_size, resize, what)
+        return _pil_rgb(_array_to_pil(source, what), what)
     if isinstance(source, Tensor):
-        return _crop_tensor(source, image_size, resize, what)
+        return _decode_tensor(source, what)
     raise TypeError(f"{what}: expected {_EXPECTED}; got {type(source).__name__}")
 
 
+def decoded_size(image: Decoded) -> tuple[int, int]:
+    """(height, width) of a decoded image."""
+    if isinstance(image, Image.Image):
+        return image.height, image.width
+    return int(image.shape[-2]), int(image.shape[-1])
+
+
+def decoded_window(image: Decoded, top: int, left: int, height: int, width: int) -> Decoded:
+    """The `height x width` part of a decoded image at (top, left)."""
+    if isinstance(image, Image.Image):
+        return image.crop((left, top, left + width, top + height))
+    return image[:, top:top + height, left:left + width]
+
+
+def decoded_rgb(image: Decoded) -> np.ndarray:
+    """uint8 [h, w, 3] RGB pixels of a decoded image (a float tensor is rounded to 8 bits)."""
+    if isinstance(image, Image.Image):
+        array = np.asarray(image.convert("RGB"))
+    else:
+        array = _to_uint8_hwc(image).numpy()
+    return np.ascontiguousarray(array)
+
+
+# ---------------------------------------------------------------------------------- placing
+def _check_resized(placement: Placement, what: str) -> None:
+    """Refuse a resized size larger than PIL's decompression-bomb limit: the whole resized image
+    is materialised before the crop, and an extreme aspect ratio (a 1 x 100000 strip, 100 KB as a
+    PNG) would otherwise ask for gigabytes (329 x 32,900,000 RGB)."""
+    (height, width), (new_h, new_w) = placement.original, placement.resized
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and new_h * new_w > limit:
+        raise ValueError(f"{what}: a {height}x{width} image would be resized to {new_h}x{new_w} "
+                         f"before the crop, over PIL.Image.MAX_IMAGE_PIXELS = {limit} pixels; crop "
+                         "it to a less extreme aspect ratio first")
+
+
+def _to_uint8_hwc(x: Tensor) -> Tensor:
+    """float [1|3, h, w] in [0, 1] -> uint8 [h, w, 3] on the CPU: round(x * 255)."""
+    out = x.mul(255.0).round_().clamp_(0, 255).to(torch.uint8)
+    return out.expand(3, -1, -1).permute(1, 2, 0).cpu().contiguous()
+
+
+def _place_pixels(image: Decoded, placement: Placement) -> Tensor:
+    """Resample to `placement.resized`; uint8 [rh, rw, 3] (PIL) or float [C, rh, rw] (tensor)."""
+    new_h, new_w = placement.resized
+    if isinstance(image, Image.Image):
+        if (image.height, image.width) != (new_h, new_w):
+            image = image.resize((new_w, new_h), Image.BILINEAR)
+        return image
+    x = image.float()[None]
+    if tuple(x.shape[-2:]) != (new_h, new_w):
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False,
+                          antialias=True)
+    return x[0]
+
+
+def model_input(image: Decoded, placement: Placement, what: str = "image") -> Tensor:
+    """A decoded image -> uint8 model input [H, W, 3] by `placement` (module doc)."""
+    _check_resized(placement, what)
+    resized = _place_pixels(image, placement)
+    (top, left), (height, width) = placement.offset, placement.image_size
+    if isinstance(resized, Image.Image):
+        if not placement.padded:
+            resized = resized.crop((left, top, left + width, top + height))
+        pixels = torch.from_numpy(np.array(resized, dtype=np.uint8, copy=True))
+        if pixels.dim() == 2:  # "L" (see Decoded)
+            pixels = pixels[:, :, None].expand(-1, -1, 3)
+    else:
+        pixels = _to_uint8_hwc(resized[:, top:top + height, left:left + width])
+    if not placement.padded:
+        return pixels.contiguous()
+    canvas = torch.zeros(height, width, 3, dtype=torch.uint8)
+    real_h, real_w = placement.real
+    canvas[:real_h, :real_w] = pixels
+    return canvas
+
+
+# ---------------------------------------------------------------------------------- one image
+@dataclass
+class PreparedImage:
+    """One image made ready for a model's `InputGeometry` (`prepare_image`).
+
+    Without tiling: `input`, the uint8 model input [H, W, 3], and `placement`, where the image
+    landed in it. With tiling: `decoded`, the decoded image that `windows()` cuts the inputs from.
+    `decoded` is also kept when the image was prepared with `keep_image=True` (for drawing
+    overlays on the original, `image()`).
+    """
+
+    what: str
+    size: tuple[int, int]
+    geometry: InputGeometry
+    input: Optional[Tensor] = None
+    placement: Optional[Placement] = None
+    decoded: Optional[Decoded] = None
+
+    def windows(self) -> Iterator[tuple[int, int, Tensor, Placement]]:
+        """(top, left, uint8 input [H, W, 3], placement) of every tiling window, row by row."""
+        row_windows, col_windows = self.geometry.tiling.windows(*self.size)
+        placement = self.geometry.place_window(row_windows[0][1], col_windows[0][1])
+        for top, height in row_windows:
+            for left, width in col_windows:
+                window = decoded_window(self.decoded, top, left, height, width)
+                yield top, left, model_input(window, placement, self.what), placement
+
+    def image(self) -> np.ndarray:
+        """The original image, uint8 [h, w, 3] RGB (needs `keep_image=True` without tiling)."""
+        if self.decoded is None:
+            raise ValueError(f"{self.what}: the original image was not kept; prepare it with "
+                             "keep_image=True")
+        return decoded_rgb(self.decoded)
+
+
+def prepare_image(source: ImageSource, geometry: InputGeometry, what: str = "image",
+                  keep_image: bool = False) -> PreparedImage:
+    """Decode one image and make it ready for `geometry` (see `PreparedImage`). Thread-safe: a
+    pool of workers may prepare images while the model scores others."""
+    if isinstance(source, PreparedImage):
+        if source.geometry != geometry:
+            raise ValueError(f"{source.what} was prepared for {source.geometry}, not for this "
+                             f"model's {geometry}")
+        if keep_image and source.decoded is None:
+            raise ValueError(f"{source.what}: the original image was not kept; prepare it with "
+                             "keep_image=True")
+        return source
+    decoded = decode(source, what)
+    size = decoded_size(decoded)
+    if geometry.tiling is not None:
+        return PreparedImage(what, size, geometry, decoded=decoded)
+    placement = geometry.place(*size)
+    return PreparedImage(what, size, geometry, model_input(decoded, placement, what), placement,
+                         decoded if keep_image else None)
+
+
+def preprocess_image(source: ImageSource, image_size: Any = 288, resize: Optional[int] = None,
+                     what: str = "image", resize_mode: str = "crop") -> Tensor:
+    """One image -> uint8 model input `[H, W, 3]` (module doc). `what` names it in errors.
+
+    image_size: an int or (height, width); resize: crop mode's short side before the crop (None:
+    the paper's 329 / 288 ratio, 329 at 288); resize_mode: "crop", "whole" or "pad"
+    (`simplenet_fast.geometry`).
+    """
+    geometry = InputGeometry(image_size, resize_mode, resize)
+    return prepare_image(source, geometry, what).input
+
+
 # ---------------------------------------------------------------------------------- many images
-def _is_image(path: Path) -> bool:
+def _is_image_name(name: str) -> bool:
     # Hidden files are skipped: macOS "._name.png" resource forks carry an image suffix but are
     # not images.
-    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith(".") \
-        and path.is_file()
+    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS and not name.startswith(".")
+
+
+def _is_image(path: Path) -> bool:
+    return _is_image_name(path.name) and path.is_file()
+
+
+def image_paths(folder: str | os.PathLike, recursive: bool = False) -> list[str]:
+    """`image_files` as plain strings, listed with `os.scandir`: no `stat` per file, and ~100
+    bytes a path where a `Path` takes ~500, for folders of millions of images
+    (`simplenet_fast.distributed`). Same order as `image_files` (by path components: each
+    folder's entries sorted by name, a subfolder's images where its name sorts); links to
+    folders are not followed."""
+    folder = Path(folder)
+    if not folder.exists():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    if not folder.is_dir():
+        raise NotADirectoryError(f"expected a folder of images, got a file: {folder}")
+    files: list[str] = []
+
+    def walk(directory: str) -> None:
+        images, folders = [], []
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if recursive and entry.is_dir(follow_symlinks=False):
+                    folders.append(entry.path)
+                elif _is_image_name(entry.name) and entry.is_file():
+                    images.append(entry.path)
+        # One parent: sorting the paths sorts the names, with no per-path key held meanwhile.
+        images.sort()
+        folders.sort()
+        i = 0
+        for sub in folders:  # a subfolder's images go where its name sorts among the files
+            while i < len(images) and images[i] < sub:
+                files.append(images[i])
+                i += 1
+            walk(sub)
+        files.extend(images[i:])
+
+    walk(str(folder))
+    if not files:
+        where = "in or below" if recursive else "in"
+        kinds = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
+        raise FileNotFoundError(f"no image files ({kinds}) {where} {folder}")
+    return files
 
 
 def image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path]:
@@ -273,18 +428,7 @@ def image_files(folder: str | os.PathLike, recursive: bool = False) -> list[Path
     Raises ``FileNotFoundError`` if the folder does not exist or holds no image, and
     ``NotADirectoryError`` if it is a file.
     """
-    folder = Path(folder)
-    if not folder.exists():
-        raise FileNotFoundError(f"image folder not found: {folder}")
-    if not folder.is_dir():
-        raise NotADirectoryError(f"expected a folder of images, got a file: {folder}")
-    candidates = folder.rglob("*") if recursive else folder.iterdir()
-    files = sorted(p for p in candidates if _is_image(p))
-    if not files:
-        where = "in or below" if recursive else "in"
-        kinds = ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS))
-        raise FileNotFoundError(f"no image files ({kinds}) {where} {folder}")
-    return files
+    return [Path(p) for p in image_paths(folder, recursive)]
 
 
 def iter_sources(images: Any, what: str = "images") -> Iterator[tuple[str, ImageSource]]:
@@ -311,6 +455,8 @@ def _walk(images: Any, what: str, top: bool = False) -> Iterator[tuple[str, Imag
             yield str(path), path
     elif isinstance(images, (Image.Image, np.ndarray)):
         yield what, images
+    elif isinstance(images, PreparedImage):
+        yield images.what, images
     elif isinstance(images, Tensor):
         if images.dim() == 4:
             for i in range(images.shape[0]):
@@ -329,23 +475,57 @@ def _walk(images: Any, what: str, top: bool = False) -> Iterator[tuple[str, Imag
         raise TypeError(f"{what}: expected {_EXPECTED}; got {type(images).__name__}")
 
 
-def iter_batches(images: Any, batch_size: int, image_size: int = 288, resize: int = 329
-                 ) -> Iterator[Tensor]:
-    """uint8 batches `[b, image_size, image_size, 3]`, b <= batch_size, decoding lazily per batch.
+def batched(items: Iterable, size: int) -> Iterator[list]:
+    """Lists of `size` consecutive items (the last may be shorter), drawn lazily."""
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
-    At most `batch_size` crops are held at a time, so a list of 10,000 paths never loads at once.
-    """
-    if not isinstance(batch_size, int) or batch_size <= 0:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    _check_geometry(image_size, resize)
-    crops: list[Tensor] = []
+
+def iter_prepared(images: Any, geometry: InputGeometry, keep_image: bool = False
+                  ) -> Iterator[PreparedImage]:
+    """`prepare_image` of every image of `images`, lazily: one image decoded at a time."""
     for what, source in iter_sources(images):
-        crops.append(preprocess_image(source, image_size, resize, what))
-        if len(crops) == batch_size:
-            yield torch.stack(crops)
-            crops = []
-    if crops:
-        yield torch.stack(crops)
+        yield prepare_image(source, geometry, what, keep_image)
+
+
+def iter_batches(images: Any, batch_size: int, image_size: Any = 288, resize: Optional[int] = None,
+                 resize_mode: str = "crop") -> Iterator[Tensor]:
+    """uint8 batches `[b, H, W, 3]`, b <= batch_size, decoding lazily per batch (no tiling).
+
+    At most `batch_size` inputs are held at a time, so a list of 10,000 paths never loads at once.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    geometry = InputGeometry(image_size, resize_mode, resize)
+    inputs: list[Tensor] = []
+    for prepared in iter_prepared(images, geometry):
+        inputs.append(prepared.input)
+        if len(inputs) == batch_size:
+            yield torch.stack(inputs)
+            inputs = []
+    if inputs:
+        yield torch.stack(inputs)
+
+
+def count_images(images: Any) -> int | None:
+    """How many images `images` holds when that is known without decoding or consuming anything
+    (single images, 4-D tensors, lists of them); None for folders, nested lists and iterables."""
+    count = 0
+    for item in images if isinstance(images, (list, tuple)) else [images]:
+        if isinstance(item, Tensor) and item.dim() == 4:
+            count += item.shape[0]
+        elif isinstance(item, (Image.Image, np.ndarray, Tensor)) or (
+                isinstance(item, (str, os.PathLike)) and not os.path.isdir(item)):
+            count += 1
+        else:
+            return None
+    return count
 
 
 def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
@@ -358,5 +538,7 @@ def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
     return (x / 255.0 - mean) / std
 
 
-__all__ = ["preprocess_image", "iter_sources", "iter_batches", "image_files", "normalise",
-           "resized_size", "crop_offset", "IMAGE_EXTENSIONS"]
+__all__ = ["preprocess_image", "prepare_image", "PreparedImage", "decode", "model_input",
+           "image_header_size", "iter_sources", "iter_prepared", "iter_batches", "batched",
+           "count_images", "image_files", "image_paths", "normalise", "resized_size",
+           "crop_offset", "IMAGE_EXTENSIONS"]

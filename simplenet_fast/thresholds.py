@@ -202,8 +202,12 @@ def calibrate(model, normal_images: Any, method: str = "quantile", q: float = DE
         ``threshold_info``); False only returns them.
     origin: how the images are described in the record's ``source``.
 
-    Memory: every map pixel is kept until the quantile is taken (image_size**2 float32 per image:
-    332 KB at 288, so 1,000 images need 0.3 GB).
+    The pixel threshold is set on the maps `model.score` returns by default (model-size; each
+    image's own size with tiling), scored pixels only (padding is not); it applies to input-size
+    maps as well, whose values interpolate the model-size ones.
+
+    Memory: every map pixel is kept until the quantile is taken (H*W float32 per image: 332 KB
+    at 288, so 1,000 images need 0.3 GB).
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -251,19 +255,38 @@ def _fmt(x: Optional[float]) -> str:
 
 def _score_images(model, images: Any, batch_size: int, progress: bool
                   ) -> tuple[np.ndarray, np.ndarray]:
-    """(image scores [N] float64, every map pixel [N*S*S] float32) of `images`."""
+    """(image scores [N] float64, every scored map pixel float32) of `images`.
+
+    The maps are those `model.score` gives by default (model-size; each image's own size with
+    tiling), scored pixels only: padding never enters a pixel threshold.
+    """
     from tqdm.auto import tqdm
 
-    from .preprocess import iter_batches
+    from .preprocess import iter_sources
 
     scores, pixels = [], []
     bar = tqdm(desc="calibrating thresholds", unit="img", disable=not progress)
+    chunk: list = []
+
+    def run():
+        result = model.score(chunk, batch_size=batch_size)
+        scores.append(result.pred_score.detach().double().cpu().numpy())
+        maps, scored = result.anomaly_map, result.scored_mask
+        for i in range(len(result)):
+            values = maps[i].detach().float()
+            if scored is not None:
+                values = values[scored[i]]
+            pixels.append(values.cpu().numpy().ravel())
+        bar.update(len(chunk))
+        chunk.clear()
+
     try:
-        for batch in iter_batches(images, batch_size, model.image_size, model.resize):
-            result = model(batch)
-            scores.append(result.pred_score.detach().double().cpu().numpy())
-            pixels.append(result.anomaly_map.detach().float().cpu().numpy().ravel())
-            bar.update(batch.shape[0])
+        for _, source in iter_sources(images):
+            chunk.append(source)
+            if len(chunk) == batch_size:
+                run()
+        if chunk:
+            run()
     finally:
         bar.close()
     scores = np.concatenate(scores)

@@ -4,9 +4,9 @@ Pillow and numpy only (matplotlib is not a dependency): `jet` reproduces matplot
 colormap byte for byte (its segment data, its 256-entry lookup table, and `bytes=True`'s
 truncating conversion), so overlays look like the ones users know from anomalib and the papers.
 
-The image to draw on is the one the model sees: the uint8 centre crop `[image_size, image_size,
-3]` of `simplenet_fast.preprocess.preprocess_image`, with which the anomaly map lines up pixel for
-pixel (see `SimpleNet.score`).
+Draw on the image the map lines up with: the original image with `score(map_size="input")` maps
+(what the CLI does), or the model input `[H, W, 3]` (`SimpleNet.prepare(image).input`) with
+model-size maps (see `SimpleNet.score`).
 """
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from typing import Any, Optional, Sequence
 import numpy as np
 from PIL import Image
 
-__all__ = ["jet", "overlay", "save_overlay", "mask_boundary", "CONTOUR_COLOR"]
+from ._io import atomic_open
+
+__all__ = ["jet", "overlay", "save_overlay", "mask_boundary", "heatmap_range", "CONTOUR_COLOR"]
 
 # matplotlib's _jet_data (lib/matplotlib/_cm.py): (x, y_below, y_above) per channel.
 _JET_DATA = {
@@ -150,10 +152,24 @@ def overlay(image: Any, anomaly_map: Any, mask: Any = None, vmin: Optional[float
 
 def save_overlay(path: str | os.PathLike, image: Any, anomaly_map: Any, mask: Any = None,
                  **kwargs) -> str:
-    """`overlay(...)` written as a PNG to `path` (parent folders created); returns the path."""
+    """`overlay(...)` written as a PNG to `path` (parent folders created); returns the path.
+    The file appears complete or not at all (written under a temporary name, then renamed)."""
     path = os.fspath(path)
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    overlay(image, anomaly_map, mask, **kwargs).save(path, format="PNG")
+    picture = overlay(image, anomaly_map, mask, **kwargs)
+    with atomic_open(path, "wb") as f:
+        picture.save(f, format="PNG")
     return path
+
+
+def heatmap_range(thresholds) -> Optional[tuple[float, float]]:
+    """(vmin, vmax) putting the pixel threshold at the middle of the colour scale, over the width
+    of the calibration maps' range (anomalib's normalisation); None without calibration data.
+    `thresholds`: a `simplenet_fast.thresholds.Thresholds`."""
+    t, low, high = thresholds.pixel, thresholds.pixel_min, thresholds.pixel_max
+    if t is None or low is None or high is None:
+        return None
+    width = (high - low) if high > low else 1.0
+    return t - 0.5 * width, t + 0.5 * width

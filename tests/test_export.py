@@ -129,7 +129,8 @@ def test_thresholds_travel_as_metadata(tmp_path):
     assert float(meta["image_threshold"]) == t.image
     assert float(meta["pixel_threshold"]) == t.pixel
     assert meta["threshold_source"] == t.source
-    assert (meta["image_size"], meta["resize"], meta["input_format"]) == ("64", "72", "float")
+    assert (meta["image_size"], meta["resize"], meta["input_format"]) == ("[64, 64]", "72", "float")
+    assert (meta["resize_mode"], meta["tiling"]) == ("crop", "")
 
 
 def test_bad_arguments(lite, tmp_path):
@@ -147,3 +148,47 @@ def test_wide_resnet_export_matches(tmp_path):
     errors = check_onnx(model, path, batch_sizes=(1, 3))
     assert max(v for k, v in errors.items() if k.endswith("_rel")) < TOLERANCE
 
+
+
+def test_rectangular_and_pad_exports_match_pytorch(tmp_path):
+    """A non-square input; "pad" takes each image's real size as a second input and keeps the
+    padding out of the score and the map, as model.score does."""
+    for backbone, size, mode in (("efficientnet_lite0", (48, 80), "pad"),
+                                 ("wide_resnet50_2", (40, 24), "whole")):
+        torch.manual_seed(0)
+        model = SimpleNet(backbone, weights=None, image_size=size, resize_mode=mode,
+                          pretrain_embed_dim=48, target_embed_dim=41, hidden=24)
+        path = export_onnx(model, tmp_path / f"{mode}.onnx")
+        errors = check_onnx(model, path, batch_sizes=(1, 3))
+        assert max(errors[f"{n}_rel"] for n in ("pred_score", "anomaly_map", "patch_scores")) < TOLERANCE
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        names = [i.name for i in session.get_inputs()]
+        assert names == (["image", "real_size"] if mode == "pad" else ["image"])
+        assert session.get_inputs()[0].shape[1:] == [3, *size]
+    # the pad graph on real images of other shapes, fed as a deployment would
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, shape, dtype=np.uint8) for shape in ((30, 90, 3), (100, 40, 3))]
+    model = SimpleNet("efficientnet_lite0", weights=None, image_size=(48, 80), resize_mode="pad",
+                      pretrain_embed_dim=48, target_embed_dim=41, hidden=24)
+    path = export_onnx(model, tmp_path / "pad2.onnx")
+    prepared = [model.prepare(im) for im in images]
+    feed = {"image": torch.stack([p.input for p in prepared]).permute(0, 3, 1, 2).float().numpy() / 255,
+            "real_size": np.array([p.placement.real for p in prepared], dtype=np.int64)}
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = dict(zip(("pred_score", "anomaly_map"), session.run(["pred_score", "anomaly_map"], feed)))
+    expected = model.score(images)
+    assert rel(torch.from_numpy(got["pred_score"]), expected.pred_score) < TOLERANCE
+    assert rel(torch.from_numpy(got["anomaly_map"]), expected.anomaly_map) < TOLERANCE
+
+
+def test_a_failed_export_writes_nothing(lite, tmp_path, monkeypatch):
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"previous export")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("exporter failed")
+
+    monkeypatch.setattr(torch.onnx, "export", broken)
+    with pytest.raises(RuntimeError, match="exporter failed"):
+        export_onnx(lite, path)
+    assert path.read_bytes() == b"previous export" and len(list(tmp_path.iterdir())) == 1

@@ -97,8 +97,8 @@ def test_fused_is_inference_only(generator):
 def test_automatic_choice_uses_the_compiled_kernel(generator, monkeypatch):
     head, features = make_case("straddle", 1, generator, "cpu")
     calls = []
-    original = _fused.fused_patch_scores
-    monkeypatch.setattr(_fused, "fused_patch_scores", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = _fused.run  # the compiled kernels' one checked entry (under the registered op)
+    monkeypatch.setattr(_fused, "run", lambda *a, **k: calls.append(1) or original(*a, **k))
     with torch.no_grad():
         head.patch_scores(features)
         head.double().patch_scores([f.double() for f in features])   # no float64 kernel: reference
@@ -129,6 +129,37 @@ def test_two_threads_scoring_at_once_get_correct_results(generator):
     assert not errors
     for i in range(4):
         assert relative_error(results[i], expected[i]) < FLOAT32_TOL
+
+
+def test_threads_racing_over_new_grids_keep_each_others_params_alive(generator):
+    """Per-grid kernel params are built on first use and a few are kept: threads that race to
+    build the same grid, or push others out, must not free what a running kernel reads."""
+    head, _ = make_case("straddle", 1, generator, "cpu")
+    grids = [((10 + k % 12, 12), (5 + k % 3, 6)) for k in range(24)]  # more than Prepared.MAX_GRIDS
+    inputs = [random_features(head.channels, 1, g2, g3, generator) for g2, g3 in grids]
+    with torch.no_grad():
+        expected = [head.reference_patch_scores(f) for f in inputs]
+    errors = []
+
+    def work(offset):
+        try:
+            with torch.no_grad():
+                for k in range(len(inputs)):
+                    i = (k + offset) % len(inputs)
+                    error = relative_error(head.patch_scores(inputs[i], fused=True), expected[i])
+                    if error >= FLOAT32_TOL:
+                        errors.append(error)
+        except Exception as error:  # surfaced below: a thread's exception is otherwise lost
+            errors.append(error)
+
+    for _ in range(3):
+        _fused._CACHE.clear()
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors
 
 
 @pytest.mark.parametrize("features,message", [

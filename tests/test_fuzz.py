@@ -7,7 +7,8 @@ exception type, no NaN, no crash). The oracle for the head is the reference eval
 not merely equal to a float32 reference that may itself have overflowed.
 
 Entry points: `SimpleNetHead.patch_scores` (fused=None / True / False), `_fused.fused_patch_scores`
-(the one checked entry into csrc/, with `out=` and `compute_dtype=`), `SimpleNet.score`,
+(the one checked entry into csrc/, with `out=` and `compute_dtype=`), the registered operator
+`torch.ops.simplenet_fast.patch_scores` with every argument mutated, `SimpleNet.score`,
 `simplenet_fast.score`, `preprocess_image` on damaged files and `SimpleNet.load` on damaged
 models. Run under ASan + UBSan by `.ci/sanitize.sh tests/test_fused.py tests/test_fuzz.py`.
 
@@ -298,6 +299,78 @@ def test_fused_entry_point_checks_out_and_compute_dtype(device, config, batch, g
         assert_matches(scores, oracle(head64, features), tol)
 
 
+# ------------------------------------------------------------------- the registered operator
+OP_MUTATIONS = ["none", "none", "none", "weight_shape", "weight_dtype", "weight_nan", "feature_dtype",
+                "feature_nan", "feature_grad", "bn_eps", "pretrain", "compute_dtype", "unchecked_nan"]
+
+
+@needs_compiled
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(100)
+@given(config=head_configs, batch=st.integers(0, 3), grid2=grids, grid3=grids,
+       mutation=st.sampled_from(OP_MUTATIONS), seed=st.integers(0, 2**31 - 1), data=st.data())
+def test_operator_gives_the_reference_answer_or_a_clear_error(device, config, batch, grid2, grid3,
+                                                              mutation, seed, data):
+    """`torch.ops.simplenet_fast.patch_scores` called directly, as a user's exported program
+    would: every argument it takes, mutated one at a time."""
+    CASES["patch_scores operator"] += 1
+    head, head64 = make_head(*config)
+    head = head.to(device)
+    g = torch.Generator().manual_seed(seed)
+    features = [torch.rand(batch, c, *grid, generator=g).to(device)
+                for c, grid in zip(head.channels, (grid2, grid3))]
+    weights = [w.detach().clone() for w in head.operator_weights()]
+    pretrain, eps, slope, compute, check = head.pretrain_embed_dim, 1e-5, 0.2, torch.float32, True
+    expected = None
+    if mutation == "weight_shape":
+        i = data.draw(st.integers(0, len(weights) - 1))
+        weights[i] = weights[i][..., :-1] if weights[i].shape[-1] > 1 else weights[i][None]
+        expected = "must be \\["
+    elif mutation == "weight_dtype":
+        i = data.draw(st.integers(0, len(weights) - 1))
+        weights[i] = weights[i].to(data.draw(st.sampled_from([torch.int32, torch.int64, torch.bool])))
+        expected = "must be a dense floating point tensor"
+    elif mutation == "weight_nan":
+        weights[data.draw(st.integers(0, len(weights) - 1))].view(-1)[0] = float("nan")
+        expected = "produced NaN or Inf" if batch else None  # nothing to score, nothing wrong
+    elif mutation == "feature_dtype":
+        dtype = data.draw(st.sampled_from([torch.float64, torch.float16]))
+        features = [f.to(dtype) for f in features]
+        expected = "no kernel for"
+    elif mutation == "feature_nan" and batch:
+        features[0].view(-1)[data.draw(st.integers(0, features[0].numel() - 1))] = float("nan")
+        expected = "features contain NaN or Inf"
+    elif mutation == "feature_grad":
+        features[1].requires_grad_(True)
+        expected = "inference-only"
+    elif mutation == "bn_eps":
+        eps = data.draw(st.sampled_from([-1e-3, float("nan"), float("inf")]))
+        expected = "bn_eps must be a finite number >= 0"
+    elif mutation == "pretrain":
+        pretrain = data.draw(st.sampled_from([0, -3]))
+        expected = "pretrain_embed_dim must be a positive int"
+    elif mutation == "compute_dtype":
+        compute = data.draw(st.sampled_from([torch.float16, torch.float64, torch.bfloat16]))
+        if compute not in _fused._COMPUTE_DTYPES[device]:
+            expected = "compute_dtype must be one of"
+    elif mutation == "unchecked_nan" and batch:
+        features[0].view(-1)[0] = float("nan")
+        check = False
+    arguments = (*features, *weights, pretrain, eps, slope, compute, check)
+    if expected is not None:
+        with pytest.raises(ValueError, match=expected):
+            torch.ops.simplenet_fast.patch_scores(*arguments)
+        return
+    scores = torch.ops.simplenet_fast.patch_scores(*arguments)
+    assert scores.shape == (batch, *grid2) and scores.dtype == torch.float32
+    assert scores.device.type == device
+    if mutation == "unchecked_nan" and batch:
+        return  # check_finite=False (for CUDA-graph capture): the caller checks afterwards
+    if batch:
+        tol = 2e-2 if compute == torch.bfloat16 else FLOAT32_TOL  # SPEC 6
+        assert_matches(scores, oracle(head64, features), tol)
+
+
 # ------------------------------------------------------------------- SimpleNet.score
 SIZE, RESIZE = 32, 36
 
@@ -386,6 +459,62 @@ def test_score_agrees_with_the_reference_or_refuses_alike(device, images, batch_
         a, b = getattr(fused, name), getattr(reference, name)
         assert torch.isfinite(a).all()
         assert_matches(a, b.double().cpu())
+
+
+GEOMETRIES = (  # SPEC 8: rectangular inputs, each resize mode, tiling (windows may overhang)
+    dict(image_size=(24, 40), resize_mode="pad"),
+    dict(image_size=(40, 24), resize_mode="crop"),
+    dict(image_size=(32, 48), resize_mode="whole"),
+    dict(image_size=24, tiling=(32, 20)),
+    dict(image_size=(24, 32), resize_mode="pad", tiling=((30, 40), (16, 25))),
+)
+
+
+@functools.lru_cache(maxsize=None)
+def geometry_model(index: int, device: str = "cpu") -> SimpleNet:
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = SimpleNet(TinyBackbone(), weights=None, pretrain_embed_dim=30, target_embed_dim=21,
+                          hidden=40, **GEOMETRIES[index])
+    randomize_head(model.head, torch.Generator().manual_seed(1))
+    return model.to(device)
+
+
+def as_list(maps) -> list:
+    return list(maps) if maps is not None else []
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@fuzz_settings(40)
+@given(images=st.one_of(image_sources(), st.lists(image_sources(), min_size=0, max_size=3)),
+       batch_size=st.integers(1, 3), index=st.integers(0, len(GEOMETRIES) - 1),
+       input_maps=st.booleans())
+def test_any_geometry_agrees_with_the_reference_or_refuses_alike(device, images, batch_size, index,
+                                                                  input_maps):
+    """Every geometry: the reference's answer, maps of the images' own sizes where asked, no
+    padding in any score, or the same clear refusal."""
+    CASES["SimpleNet.score geometry"] += 1
+    model = geometry_model(index, device)
+    map_size = "input" if input_maps or model.tiling is not None else "model"
+    fused, fused_error = outcome(lambda: model.score(images, batch_size, map_size=map_size))
+    reference, reference_error = outcome(
+        lambda: model.score(images, batch_size, fused=False, map_size=map_size))
+    assert fused_error == reference_error
+    if fused is None:
+        return
+    sizes = [model.prepare(source).size for _, source in simplenet_fast.preprocess.iter_sources(images)]
+    maps, masks = as_list(fused.anomaly_map), as_list(fused.scored_mask)
+    expected = sizes if map_size == "input" else [model.image_size] * len(sizes)
+    assert [tuple(m.shape) for m in maps] == expected
+    assert not masks or [tuple(m.shape) for m in masks] == expected
+    assert_matches(fused.pred_score, reference.pred_score.double().cpu())
+    for i, (a, b) in enumerate(zip(maps, as_list(reference.anomaly_map))):
+        assert_matches(a, b.double().cpu())
+        if masks:  # unscored pixels hold the lowest scored value
+            scored = masks[i]
+            assert bool(scored.any()) and bool((a[~scored] == a[scored].min()).all())
+    if fused.patch_scores is not None:  # padding never raises an image score
+        assert torch.equal(fused.pred_score, fused.patch_scores.amax(dim=(1, 2)))
 
 
 @pytest.fixture(scope="module")

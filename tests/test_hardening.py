@@ -134,18 +134,21 @@ def _get(module: nn.Module, name: str) -> torch.Tensor:
 
 
 
-def test_low_precision_and_float64_features_take_the_reference_in_the_heads_dtype():
-    """float16 / bfloat16 have no CPU kernel: fused=None takes the reference, which widens them
-    (exact) to the head's float32 instead of failing inside F.linear."""
+def test_low_precision_and_float64_features_are_scored_in_float32():
+    """float16 / float64 have no CPU kernel: fused=None takes the reference, which widens them
+    (exact) to the head's float32 instead of failing inside F.linear. bfloat16 (a bf16 backbone's
+    maps) has one: the wrapper widens it exactly to float32 for the kernel."""
     head = tiny_head()
     g = torch.Generator().manual_seed(1)
     base = [torch.rand(2, 3, 4, 5, generator=g), torch.rand(2, 5, 2, 3, generator=g)]
     for dtype in (torch.float16, torch.bfloat16, torch.float64):
         features = [f.to(dtype) for f in base]
-        with torch.no_grad():
-            scores = head.patch_scores(features)
-        assert scores.dtype == torch.float32
-        assert relative_error(scores, float64_scores(head, features)) < FLOAT32_TOL
+        fused_options = (None, True) if dtype == torch.bfloat16 and build_info()["compiled"] else (None,)
+        for fused in fused_options:
+            with torch.no_grad():
+                scores = head.patch_scores(features, fused=fused)
+            assert scores.dtype == torch.float32
+            assert relative_error(scores, float64_scores(head, features)) < FLOAT32_TOL
 
 
 # ------------------------------------------------------------------- models: shared small ones
@@ -192,7 +195,12 @@ def set_config(**values):
 # ------------------------------------------------------------------- model files
 @pytest.mark.parametrize("change, message", [
     # wrong types (test_serialization covers a string for an int)
-    (set_config(image_size=32.0), "'image_size' is missing or not int"),
+    (set_config(image_size=32.0), "'image_size' is missing or not [height, width] ints"),
+    (set_config(image_size=[32, 32.0]), "'image_size' is missing or not [height, width] ints"),
+    (set_config(resize="72"), "'resize' is missing or not an int or None"),
+    (set_config(tiling=[64, 32]), "'tiling' is missing or not None or"),
+    (set_config(resize_mode=None), "'resize_mode' is missing or not str"),
+    (set_config(epochs=2.5), "'epochs' is missing or not int"),
     (set_config(hidden=True), "'hidden' is missing or not int"),
     (set_config(target_embed_dim=None), "'target_embed_dim' is missing or not int"),
     (set_config(sigma="2"), "'sigma' is missing or not a number"),
@@ -203,12 +211,15 @@ def set_config(**values):
     (lambda o: o.update(head=[torch.zeros(2)]), "'head' must be a state dict of tensors"),
     (lambda o: o["head"].update({"adaptor.weight": "not a tensor"}), "'head' must be a state dict"),
     # wrong values
-    (set_config(image_size=0), "unusable config"),
-    (set_config(image_size=40, resize=36), "unusable config"),
+    (set_config(image_size=[0, 40]), "unusable config"),
+    (set_config(image_size=[40, 40], resize=36), "unusable config"),
+    (set_config(resize_mode="stretch"), "unusable config"),
+    (set_config(resize_mode="whole"), "unusable config"),  # a resize with whole
+    (set_config(tiling=[[64, 64], [65, 65]]), "unusable config"),
     (set_config(sigma=float("nan")), "unusable config"),
     (set_config(sigma=1e9), "unusable config"),  # 8e9 blur taps
     (set_config(precision="float16"), "unusable config"),
-    (set_config(image_size=10**9, resize=10**9), "unusable config"),
+    (set_config(image_size=[10**9, 10**9], resize=10**9), "unusable config"),
     (set_config(pretrain_embed_dim=10**8), "unusable config"),  # the fold would be [P, C*9] float64
     # tensors that do not fit the config, or declared sizes no tensor backs
     (set_config(hidden=10**9), "do not fit its config"),
@@ -282,7 +293,8 @@ def test_pickle_payload_inside_the_config_never_runs(saved, tmp_path):
 
 
 def test_model_constructor_bounds_what_a_file_could_declare():
-    for kwargs, message in ((dict(image_size=9000, resize=9000), "image_size must be an int in 1..8192"),
+    for kwargs, message in ((dict(image_size=9000, resize=9000), "image_size must be positive and at most 8192"),
+                            (dict(image_size=64, tiling=(9000, 64)), "tile must be positive and at most 8192"),
                             (dict(pretrain_embed_dim=10**6), "pretrain_embed_dim must be <= 16384"),
                             (dict(sigma=100.0, image_size=64, resize=72), r"sigma must be <= max\(64.*longer side 64\)")):
         with pytest.raises(ValueError, match=message):
@@ -435,14 +447,14 @@ def run_threads(work, n: int) -> list:
 
 
 def test_threads_scoring_with_one_model_match_one_thread_bit_for_bit():
-    """Four threads share one model (and its fold cache, emptied first so that they all race to
+    """Four threads share one model (and the fold cache, emptied first so that they all race to
     build it); each gets exactly what the same call gives on a thread of its own."""
     model = tiny_model()
     rng = np.random.RandomState(0)
     inputs = [[rng.randint(0, 256, (40, 44 + i, 3), dtype=np.uint8) for _ in range(3)] for i in range(4)]
     alone = [run_threads(lambda _: model.score(images, batch_size=2), 1)[0] for images in inputs]
     for _ in range(3):
-        model.head._fold_cache.clear()
+        _fused._CACHE.clear()
         together = run_threads(lambda i: model.score(inputs[i], batch_size=2), 4)
         for a, b in zip(alone, together):
             for field in ("pred_score", "anomaly_map", "patch_scores"):

@@ -160,6 +160,31 @@ def test_batches_are_bounded_and_decoded_lazily(model, monkeypatch):
         model.score(sources(), batch_size=0)
 
 
+def test_progress_reports_each_batch_within_one_call(model, capsys):
+    """A callable hears each batch as it is scored; True draws a bar that reaches the total when
+    the total is known without reading the images (count_images)."""
+    images = [np.full((72, 72, 3), 20 * i, np.uint8) for i in range(5)]
+    seen = []
+    result = model.score(images, batch_size=2, progress=seen.append)
+    assert seen == [2, 2, 1] and len(result) == 5
+    model.score(images, batch_size=2, progress=True)
+    assert "5/5" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="progress must be"):
+        model.score(images, progress="yes")
+
+
+def test_count_images_counts_without_reading(tmp_path):
+    from simplenet_fast.preprocess import count_images
+
+    arrays = [np.zeros((8, 8, 3), np.uint8)] * 2
+    assert count_images(arrays) == 2
+    assert count_images([torch.rand(3, 3, 8, 8), arrays[0], str(tmp_path / "a.png")]) == 5
+    assert count_images(torch.rand(3, 8, 8)) == 1
+    assert count_images(tmp_path) is None            # a folder: counted as it is listed
+    assert count_images(iter(arrays)) is None        # an iterator is never consumed here
+    assert count_images([arrays, arrays[0]]) is None  # nested lists likewise
+
+
 def test_thresholds_fill_label_and_mask(model):
     images = torch.rand(4, 3, 72, 72)
     plain = model.score(images)
@@ -181,7 +206,7 @@ def test_forward_takes_uint8_crops(model):
     crops = next(iter_batches(images, 8, SIZE, RESIZE))
     out = model(crops)
     torch.testing.assert_close(out.pred_score, model.score(images).pred_score, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="uint8 crops"):
+    with pytest.raises(ValueError, match="uint8 inputs"):
         model(crops.float())
 
 
@@ -204,7 +229,7 @@ def test_constructor_validation():
     m = SimpleNet("efficientnet_lite0", weights=None, image_size=64, resize=72, **HEAD)
     assert m.head.channels == m.backbone.channels == (40, 112)
     assert m.image_threshold is None and m.pixel_threshold is None
-    assert m.config()["backbone"] == "efficientnet_lite0" and m.config()["weights_id"] == "random"
+    assert m.config["backbone"] == "efficientnet_lite0" and m.config["weights_id"] == "random"
 
 
 def test_module_level_score_caches_loaded_models(tmp_path, monkeypatch):

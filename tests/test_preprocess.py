@@ -204,7 +204,7 @@ def test_bad_types_and_empty_collections(tmp_path):
     assert str(tmp_path) in str(info.value)
     with pytest.raises(ValueError, match="batch_size"):
         list(iter_batches([rgb_array()], 0, SIZE, RESIZE))
-    with pytest.raises(ValueError, match="must be >= image_size"):
+    with pytest.raises(ValueError, match="at least the crop.s short side"):
         preprocess_image(rgb_array(), 64, 60)
 
 

@@ -158,7 +158,7 @@ def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
         lite.save(tmp_path / "m.pt")
         loaded = SimpleNet.load(tmp_path / "m.pt")
         assert loaded.recipe == "noise=diagonal,levels=1+2,lr_milestones=0.5"
-        assert loaded.config() == lite.config()
+        assert loaded.config == lite.config
     finally:
         lite.recipe, lite._recipe = resolve_recipe("paper")
 

@@ -36,7 +36,7 @@ def test_round_trip_gives_identical_scores(tmp_path):
     path = tmp_path / "wrn.pt"
     model.save(path)
     loaded = SimpleNet.load(path)
-    assert loaded.config() == model.config()
+    assert loaded.config == model.config
     assert loaded.image_threshold == 1.5 and loaded.pixel_threshold == 0.25
     assert loaded.threshold_info == model.threshold_info
     assert loaded.sigma == 2.0 and loaded.backbone.weights_id == "random"
@@ -86,7 +86,7 @@ def test_round_trip_keeps_none_thresholds_and_other_settings(tmp_path):
 def test_saved_file_is_plain_data(trained):
     _, path, _ = trained
     obj = torch.load(path, map_location="cpu", weights_only=True)
-    assert obj["format"] == "simplenet_fast" and obj["format_version"] == FORMAT_VERSION == 1
+    assert obj["format"] == "simplenet_fast" and obj["format_version"] == FORMAT_VERSION == 2
     assert obj["config"]["backbone"] == "efficientnet_lite0"
     assert obj["config"]["weights_id"] == "random"
     assert isinstance(obj["backbone"], dict) and isinstance(obj["head"], dict)
@@ -185,7 +185,7 @@ def rewrite(trained, tmp_path, name, change) -> str:
     ("state-dict.pt", None, "no 'format' entry; got a plain state dict"),
     ("list.pt", "list", "no 'format' entry; got list"),
     ("other-format.pt", lambda o: o.update(format="anomalib"), "format 'anomalib'"),
-    ("v2.pt", lambda o: o.update(format_version=2), "format_version 2"),
+    ("v3.pt", lambda o: o.update(format_version=3), "format_version 3"),
     ("no-version.pt", lambda o: o.pop("format_version"), "has no format_version"),
     ("no-head.pt", lambda o: o.pop("head"), "lacks ['head']"),
     ("bad-config.pt", lambda o: o["config"].update(hidden="24"), "'hidden' is missing or not int"),
@@ -253,3 +253,68 @@ def test_save_accepts_pathlike_and_str(trained, tmp_path):
     assert os.path.getsize(tmp_path / "a.pt") == os.path.getsize(tmp_path / "b.pt")
     assert torch.equal(SimpleNet.load(tmp_path / "a.pt").score(images).pred_score,
                        model.score(images).pred_score)
+
+
+# ---------------------------------------------------------------------------------- format 2
+def test_geometry_round_trips(tmp_path):
+    """Rectangular sizes, every resize mode, tiling and epochs survive save / load."""
+    images = torch.rand(3, 3, 50, 70, generator=torch.Generator().manual_seed(1))
+    for kwargs in (dict(image_size=(32, 48), resize_mode="pad", epochs=7),
+                   dict(image_size=(40, 24), resize_mode="crop", resize=44),
+                   dict(image_size=32, tiling=((40, 48), (24, 32)))):
+        torch.manual_seed(0)
+        model = SimpleNet("efficientnet_lite0", weights=None, **HEAD, **kwargs)
+        path = tmp_path / "m.pt"
+        model.save(path)
+        loaded = SimpleNet.load(path)
+        assert loaded.config == model.config
+        a, b = model.score(images), loaded.score(images)
+        assert torch.equal(a.pred_score, b.pred_score)
+        for x, y in zip(a.anomaly_map, b.anomaly_map):
+            assert torch.equal(x, y)
+
+
+def test_version_1_files_still_load(tmp_path):
+    """A file as the code before rectangular inputs wrote it: int image_size and resize, crop,
+    no resize_mode, tiling or epochs entries."""
+    model = small_model()
+    config = {k: model.config[k] for k in ("backbone", "weights_id", "pretrain_embed_dim",
+                                           "target_embed_dim", "hidden", "noise_std", "margin",
+                                           "sigma", "precision")}
+    payload = {"format": "simplenet_fast", "format_version": 1,
+               "config": {**config, "image_size": SIZE, "resize": RESIZE},
+               "head": {k: v.clone() for k, v in model.head.state_dict().items()},
+               "backbone": {k: v.clone() for k, v in model.backbone.state_dict().items()},
+               "image_threshold": 0.5, "pixel_threshold": None, "threshold_info": None}
+    path = tmp_path / "v1.pt"
+    torch.save(payload, path)
+    loaded = SimpleNet.load(path)
+    assert loaded.config == {**model.config, "epochs": 20}  # the backbone's default epochs
+    assert (loaded.image_size, loaded.resize_mode, loaded.resize) == ((SIZE, SIZE), "crop", RESIZE)
+    images = torch.rand(2, 3, 40, 50, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(loaded.score(images).anomaly_map, model.score(images).anomaly_map)
+    assert loaded.image_threshold == 0.5
+    payload["config"]["image_size"] = [SIZE, SIZE]  # a version-1 file never held a pair
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="'image_size' is missing or not int"):
+        SimpleNet.load(path)
+
+
+def test_a_failed_save_leaves_the_old_file_whole(tmp_path, monkeypatch):
+    model = small_model()
+    path = tmp_path / "model.pt"
+    model.save(path)
+    before = path.read_bytes()
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a model")
+        raise OSError("No space left on device")
+
+    monkeypatch.setattr(torch, "save", broken_save)
+    with pytest.raises(OSError, match="No space left"):
+        model.save(path)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]
+    with pytest.raises(OSError):
+        model.save(tmp_path / "new.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

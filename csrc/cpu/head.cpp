@@ -60,4 +60,20 @@ void fused_head_cpu(const FusedHeadParams& params) {
   }
 }
 
+int64_t packed_weight_floats_cpu(int32_t rows, int32_t depth) {
+  switch (kIsa) {
+    case Isa::kAvx512: return isa_avx512::packed_weight_floats(rows, depth);
+    case Isa::kAvx2: return isa_avx2::packed_weight_floats(rows, depth);
+    default: return isa_scalar::packed_weight_floats(rows, depth);
+  }
+}
+
+void pack_weight_cpu(const float* weight, int32_t rows, int32_t depth, float* packed) {
+  switch (kIsa) {
+    case Isa::kAvx512: isa_avx512::pack_weight(weight, rows, depth, packed); break;
+    case Isa::kAvx2: isa_avx2::pack_weight(weight, rows, depth, packed); break;
+    default: isa_scalar::pack_weight(weight, rows, depth, packed); break;
+  }
+}
+
 }  // namespace simplenet_fast

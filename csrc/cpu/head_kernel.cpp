@@ -9,8 +9,9 @@
 // a thread
 //   1. builds the pooled columns of the tile straight from the NCHW map (the unfolded tensors of
 //      SPEC 1.3 are never materialised), as "panels" of kNr locations, [K][kNr] each;
-//   2. multiplies them with W, packed once per call into panels of kMr hidden rows, [K][kMr]
-//      each, with a register-blocked micro-kernel (kMr x kNr accumulators, full K);
+//   2. multiplies them with W, packed once per weight state (pack_weight) into panels of kMr
+//      hidden rows, [K][kMr] each, with a register-blocked micro-kernel (kMr x kNr
+//      accumulators, full K);
 //   3. hands every kMr x kNr result straight to an epilogue while it is hot in L1: layer3
 //      stores it into `workspace`; layer2 adds the bilinearly upsampled layer3 term, the bias,
 //      applies the LeakyReLU and reduces against w_out, so nothing of size [B*H2*W2, hidden]
@@ -232,7 +233,7 @@ __attribute__((noinline)) void micro_kernel(int64_t depth,
 // ------------------------------------------------------------------------------------ packing
 // Packs W [rows, depth] (row-major, as in head.h) into panels of kMr rows, [panels, depth, kMr],
 // zero rows past `rows`: the micro-kernel then reads kMr consecutive floats per k step. One
-// panel per call; the caller parallelises over panels. Through a kMr x 16 block in L1: rows are
+// panel per call; pack_weight parallelises over panels. Through a kMr x 16 block in L1: rows are
 // read 16 floats at a time and the block is written out transposed. Measured for a 1024 x 768
 // weight: 0.30 ms (1.2 ms walking W column by column; 0.24 ms with register transposes, not
 // worth their code: at that point the copy is bound by memory bandwidth).
@@ -316,31 +317,25 @@ Tiling plan_tiles(int64_t batch, int64_t area, int64_t depth, int threads) {
 // matters.
 //
 // The pooling plan keeps its ELL form: every column has `taps` entries, padding entries have
-// weight 0 (and read a valid float).
+// weight 0 (and read a valid float). Each entry's offset into the map and its neighbour come
+// as tables (head.h's PoolPlan: built by the caller once per weight state and grid).
 struct Layer {
   const float* map;               // [B, C, H, W]
   int64_t channels, height, width;
   int64_t depth;                  // pooled columns = GEMM depth K
   int64_t taps;                   // entries per column (the plan's ELL width)
   Tiling tiling;
-  std::vector<int64_t> offset;    // [depth, taps] c*H*W + (ky-1)*W + (kx-1)
-  std::vector<int32_t> neighbour; // [depth, taps] ky*3 + kx
+  const int64_t* offset;          // [depth, taps] c*H*W + (ky-1)*W + (kx-1)
+  const int32_t* neighbour;       // [depth, taps] ky*3 + kx
   const float* weight;            // [depth, taps] the plan's weights
 };
 
 Layer make_layer(const void* map,  // [B, C, H, W] float32
                  int64_t channels, int64_t height, int64_t width,
                  const PoolPlan& plan, int64_t batch, int threads) {
-  const size_t entries = static_cast<size_t>(plan.columns) * plan.width;
-  Layer l{static_cast<const float*>(map), channels, height, width, plan.columns, plan.width,
-          plan_tiles(batch, height * width, plan.columns, threads),
-          std::vector<int64_t>(entries), std::vector<int32_t>(entries), plan.weight};
-  for (size_t e = 0; e < entries; ++e) {
-    const int64_t u = plan.index[e], c = u / 9, ky = u % 9 / 3, kx = u % 3;
-    l.offset[e] = (c * height + ky - 1) * width + kx - 1;
-    l.neighbour[e] = static_cast<int32_t>(ky * 3 + kx);
-  }
-  return l;
+  return {static_cast<const float*>(map), channels, height, width, plan.columns, plan.width,
+          plan_tiles(batch, height * width, plan.columns, threads), plan.offset, plan.neighbour,
+          plan.weight};
 }
 
 // masks[chunk * 9 + ky*3 + kx]: the lanes of vector chunk `chunk` of the tile (locations
@@ -402,8 +397,8 @@ void pool_column(const Layer& layer, int64_t j,
                  int64_t count,
                  const Simd::Mask* __restrict__ masks,  // [chunks, 9] of the tile
                  float* __restrict__ out) {             // [round_up(count, kLanes)]
-  const int64_t* offset = layer.offset.data() + j * layer.taps;
-  const int32_t* neighbour = layer.neighbour.data() + j * layer.taps;
+  const int64_t* offset = layer.offset + j * layer.taps;
+  const int32_t* neighbour = layer.neighbour + j * layer.taps;
   const float* weight = layer.weight + j * layer.taps;
   constexpr int kMax = 8;
   int64_t c = 0;
@@ -435,7 +430,7 @@ constexpr int64_t kPrefetchColumns = 16;
 void prefetch_column(const Layer& layer, int64_t j,
                      const float* first,  // &map[b, 0, 0, 0] + tile.first
                      int64_t count) {
-  const int64_t* offset = layer.offset.data() + j * layer.taps;
+  const int64_t* offset = layer.offset + j * layer.taps;
   for (int64_t t = 0; t < layer.taps; ++t) {
     // Prefetches do not fault: the runs of masked lanes may lie outside the map.
     const uintptr_t src = reinterpret_cast<uintptr_t>(first) + static_cast<uintptr_t>(offset[t]) * sizeof(float);
@@ -512,9 +507,19 @@ struct Upsample {
 
 }  // namespace
 
+int64_t packed_weight_floats(int64_t rows, int64_t depth) { return round_up(rows, kMr) * depth; }
+
+void pack_weight(const float* weight, int64_t rows, int64_t depth, float* packed) {
+  // Parallel over hidden panels.
+  const int64_t panels = (rows + kMr - 1) / kMr;
+#pragma omp parallel for schedule(static)
+  for (int64_t hp = 0; hp < panels; ++hp) pack_panel(weight, rows, depth, hp, packed + hp * depth * kMr);
+}
+
 void fused_head(const FusedHeadParams& p) {
   // Parallel over tiles of grid locations (image, run of location panels), one phase per
-  // layer; the weight packing before them is parallel over hidden panels.
+  // layer. The weights come packed and the pooling tables built (head.h: once per weight state
+  // and grid, by the caller).
   const int64_t hidden = p.hidden;
 #ifdef _OPENMP
   const double flops = 2.0 * hidden *
@@ -528,15 +533,14 @@ void fused_head(const FusedHeadParams& p) {
   const int64_t hidden_padded = hidden_panels * kMr;
   const Layer l2 = make_layer(p.layer2, p.c2, p.h2, p.w2, p.pool2, p.batch, threads);
   const Layer l3 = make_layer(p.layer3, p.c3, p.h3, p.w3, p.pool3, p.batch, threads);
-  const float* weight2 = static_cast<const float*>(p.weight2);
-  const float* weight3 = static_cast<const float*>(p.weight3);
+  const float* packed2 = static_cast<const float*>(p.weight2);  // [hidden_panels, depth2, kMr]
+  const float* packed3 = static_cast<const float*>(p.weight3);  // [hidden_panels, depth3, kMr]
 
   // bias and w_out padded with zeros to whole hidden panels: padded rows then contribute
   // w_out * leaky_relu(0 + 0 + 0) = 0 to the score.
   std::vector<float> bias(hidden_padded, 0.f), w_out(hidden_padded, 0.f);
   std::copy(p.bias, p.bias + hidden, bias.begin());
   std::copy(p.w_out, p.w_out + hidden, w_out.begin());
-  Buffer packed2(hidden_padded * l2.depth), packed3(hidden_padded * l3.depth);
   const V slope = Simd::set1(p.negative_slope);
 
 #pragma omp parallel num_threads(threads)
@@ -548,16 +552,6 @@ void fused_head(const FusedHeadParams& p) {
     Buffer tile_scores(l2.tiling.max_locations * kLanes);  // [locations, kLanes] partial sums
     std::vector<Upsample> up(l2.tiling.max_locations);
 
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t hp = 0; hp < 2 * hidden_panels; ++hp) {
-      if (hp < hidden_panels) {
-        pack_panel(weight3, hidden, l3.depth, hp, packed3.data() + hp * l3.depth * kMr);
-      } else {
-        const int64_t q = hp - hidden_panels;
-        pack_panel(weight2, hidden, l2.depth, q, packed2.data() + q * l2.depth * kMr);
-      }
-    }
-
     // Layer3 term at the layer3 grid (a quarter of the locations, SPEC 4) into workspace
     // [B, H3, W3, hidden]; the implicit barrier at the end of the loop publishes it.
 #pragma omp for schedule(dynamic, 1)
@@ -565,7 +559,7 @@ void fused_head(const FusedHeadParams& p) {
       const Tiling::Tile tile = l3.tiling.tile(t);
       float* out = p.workspace + (tile.image * l3.tiling.area + tile.first) * hidden;
       build_panels(l3, tile, masks, scratch.data(), panels.data());
-      tile_gemm(l3.depth, hidden_panels, packed3.data(), panels.data(), tile.count,
+      tile_gemm(l3.depth, hidden_panels, packed3, panels.data(), tile.count,
                 [&](int64_t hp, int64_t lp, int valid, const float* __restrict__ c) {  // [kNr, kMr]
                   for (int i = 0; i < valid; ++i) {
                     for (int v = 0; v < kMv; ++v) {
@@ -597,7 +591,7 @@ void fused_head(const FusedHeadParams& p) {
         Simd::store(tile_scores.data() + i * kLanes, Simd::zero());
       }
       build_panels(l2, tile, masks, scratch.data(), panels.data());
-      tile_gemm(l2.depth, hidden_panels, packed2.data(), panels.data(), tile.count,
+      tile_gemm(l2.depth, hidden_panels, packed2, panels.data(), tile.count,
                 [&](int64_t hp, int64_t lp, int valid, const float* __restrict__ c) {  // [kNr, kMr]
                   for (int i = 0; i < valid; ++i) {
                     const Upsample& u = up[lp * kNr + i];

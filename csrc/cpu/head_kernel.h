@@ -5,7 +5,12 @@
 #include "head.h"
 
 namespace simplenet_fast {
-namespace isa_avx512 { void fused_head(const FusedHeadParams& p); }
-namespace isa_avx2 { void fused_head(const FusedHeadParams& p); }
-namespace isa_scalar { void fused_head(const FusedHeadParams& p); }
+#define SIMPLENET_FAST_ISA_ENTRIES                                                    \
+  void fused_head(const FusedHeadParams& p);                                        \
+  int64_t packed_weight_floats(int64_t rows, int64_t depth);                        \
+  void pack_weight(const float* weight, int64_t rows, int64_t depth, float* packed);
+namespace isa_avx512 { SIMPLENET_FAST_ISA_ENTRIES }
+namespace isa_avx2 { SIMPLENET_FAST_ISA_ENTRIES }
+namespace isa_scalar { SIMPLENET_FAST_ISA_ENTRIES }
+#undef SIMPLENET_FAST_ISA_ENTRIES
 }  // namespace simplenet_fast

@@ -8,16 +8,65 @@ back to training mode and no parameter requires grad.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any, Optional
 
 import torch
 from torch import nn
+
+from ..geometry import RESIZE_MODES, size_pair
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 _WEIGHTS_HELP = "weights must be 'imagenet', None (random init) or the path of a local state-dict file"
+
+
+@dataclass(frozen=True)
+class BackboneDefaults:
+    """The SimpleNet configuration a backbone recommends, declared next to its definition.
+
+    `SimpleNet(backbone=...)`, `fit()`, the CLI and the benchmarks use these values wherever the
+    caller leaves a setting at None (`simplenet_fast.backbones.default_config`).
+
+    image_size:  (height, width) of the model input (an int is a square).
+    resize_mode: "crop", "whole" or "pad" (`simplenet_fast.geometry`); crop mode's `resize` keeps
+                 the paper's 329 / 288 ratio for any image_size.
+    pretrain_embed_dim, target_embed_dim, hidden: head widths (SPEC 1.5, 1.6, 1.8).
+    noise_std:   std of the training noise (SPEC 2); it must suit the scale of the features.
+    epochs:      training epochs of `fit()`.
+    """
+
+    image_size: tuple[int, int]
+    resize_mode: str
+    pretrain_embed_dim: int
+    target_embed_dim: int
+    hidden: int
+    noise_std: float
+    epochs: int
+
+    def __post_init__(self):
+        object.__setattr__(self, "image_size", size_pair(self.image_size))
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
+        for name in ("pretrain_embed_dim", "target_embed_dim", "hidden", "epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < (name != "epochs"):
+                raise ValueError(f"{name} must be an int >= {int(name != 'epochs')}, got {value!r}")
+        if isinstance(self.noise_std, bool) or not isinstance(self.noise_std, (int, float)) \
+                or not math.isfinite(self.noise_std) or self.noise_std < 0:
+            raise ValueError(f"noise_std must be a finite number >= 0, got {self.noise_std!r}")
+
+    def overridden(self, values: Mapping[str, Any]) -> "BackboneDefaults":
+        """These defaults with the given fields replaced (unknown names raise)."""
+        unknown = set(values) - {f.name for f in fields(self)}
+        if unknown:
+            raise ValueError(f"unknown backbone default(s) {sorted(unknown)}; known: "
+                             f"{[f.name for f in fields(self)]}")
+        return replace(self, **values)
 
 
 class FeatureExtractor(nn.Module):
@@ -29,6 +78,15 @@ class FeatureExtractor(nn.Module):
       strides    (8, 16)
       mean, std  per-channel input normalisation for images scaled to [0, 1]
       weights_id `"imagenet"`, `"random"`, `"file:<sha256>"` or `"custom"` (a user module's own)
+      defaults   its recommended `BackboneDefaults` (None: the paper's, WideResNet-50-2's)
+      channels_last_input  True when forward runs fastest on channels-last images: `SimpleNet`
+                 then hands over its normalised images in that memory order, without a copy
+      bfloat16_faster_on  device types ("cpu", "cuda") where running this backbone in bfloat16
+                 was measured faster than float32: `precision="auto"` picks bf16 there only
+                 (simplenet_fast._precision); empty for a user module (unknown)
+      bfloat16_meets_spec  whether its bf16 features were measured close enough to float32 for
+                 SPEC 6's bf16 contract; False makes every bf16 request run float32. True for a
+                 user module: asking for bf16 is then the user's call
     """
 
     name: str | None = None
@@ -37,6 +95,10 @@ class FeatureExtractor(nn.Module):
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     weights_id: str = "random"
+    defaults: Optional[BackboneDefaults] = None
+    channels_last_input: bool = False
+    bfloat16_faster_on: tuple[str, ...] = ()
+    bfloat16_meets_spec: bool = True
 
     def train(self, mode: bool = True) -> "FeatureExtractor":
         # Always eval: BatchNorm must keep its pretrained statistics (SPEC 3), whatever a caller's
