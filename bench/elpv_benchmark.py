@@ -150,7 +150,7 @@ class CellFeatures:
         if synthetic:
             normal = self.rows_with_probability(0)
             self.synthetic_position = {int(r): i for i, r in enumerate(normal)}
-            copies = defective_copies(self.raw[self.index(normal).numpy()],
+            copies, _ = defective_copies(self.raw[self.index(normal).numpy()],
                                          SYNTHETIC_SEED + CELL_TYPES.index(cell_type))
             _, self.synthetic_f2, self.synthetic_f3, _, _ = backbone_features(
                 copies, image_size, resize_mode, backbone)
