@@ -127,9 +127,10 @@ class SimpleNet(nn.Module):
             a relative-noise recipe, a fraction of the adapted features' spread).
         epochs: `fit`'s default number of epochs.
         margin: training loss margin (SPEC 2).
-        recipe: how the head is trained: "paper" (SPEC 2), another name of
-            `simplenet_fast.recipes.RECIPES`, a `TrainingRecipe` or its text form. Inference
-            does not depend on it.
+        recipe: how `fit` trains the head: "paper" (SPEC 2), another name of
+            `simplenet_fast.recipes.RECIPES`, a `TrainingRecipe` or its text form (the backbone's
+            default unless given). Inference does not depend on it. `model.recipe` may be
+            reassigned before a `fit`.
         sigma: Gaussian blur of the anomaly map (SPEC 1.10); 0 disables it.
         precision: "float32", "bfloat16" or "auto" (`simplenet_fast._precision`). "bfloat16" runs
             the backbone in bfloat16, channels-last, where the device has bf16 arithmetic: on
@@ -167,7 +168,7 @@ class SimpleNet(nn.Module):
         noise_std: Optional[float] = None,
         epochs: Optional[int] = None,
         margin: float = 0.5,
-        recipe: Any = "paper",
+        recipe: Any = None,
         sigma: float = 4.0,
         precision: str = "float32",
         device: torch.device | str | None = None,
@@ -193,7 +194,7 @@ class SimpleNet(nn.Module):
         _check_int("epochs", epochs, 0)
         check_sigma(sigma, geometry.image_size)  # the rule anomaly_map applies to the map
         check_precision(precision)
-        recipe_name, training_recipe = resolve_recipe(recipe)
+        recipe = resolve_recipe(_resolve(recipe, defaults.recipe))  # checked before the backbone
         self.backbone = build_backbone(backbone, weights=weights)
         self.head = SimpleNetHead(self.backbone.channels, pretrain_embed_dim,
                                   _resolve(target_embed_dim, defaults.target_embed_dim),
@@ -202,7 +203,7 @@ class SimpleNet(nn.Module):
         self.noise_std = float(noise_std)
         self.epochs = int(epochs)
         self.margin = float(margin)
-        self.recipe, self._recipe = recipe_name, training_recipe
+        self._recipe_name, self._recipe = recipe
         self.sigma = float(sigma)
         self.precision = precision
         self.image_threshold: float | None = None
@@ -247,6 +248,16 @@ class SimpleNet(nn.Module):
     def tiling(self, value: Any) -> None:
         """Another tiling for scoring (e.g. a finer stride); the mode must allow tiling."""
         self.geometry = InputGeometry(self.image_size, self.resize_mode, self.resize, value)
+
+    @property
+    def recipe(self) -> str:
+        """The training recipe's registered name or text form (`simplenet_fast.recipes`)."""
+        return self._recipe_name
+
+    @recipe.setter
+    def recipe(self, value: Any) -> None:
+        """Another recipe for the next `fit` (the trained weights are unchanged)."""
+        self._recipe_name, self._recipe = resolve_recipe(value)
 
     @property
     def config(self) -> dict:

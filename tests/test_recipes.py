@@ -147,7 +147,7 @@ def stripes(n: int) -> torch.Tensor:
 
 
 def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
-    lite.recipe, lite._recipe = resolve_recipe("noise=diagonal,levels=1+2,lr_milestones=0.5")
+    lite.recipe = "noise=diagonal,levels=1+2,lr_milestones=0.5"
     try:
         images = stripes(6)
         h1 = lite.fit(images, epochs=3, batch_size=3, seed=4, progress=False)
@@ -160,8 +160,31 @@ def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
         assert loaded.recipe == "noise=diagonal,levels=1+2,lr_milestones=0.5"
         assert loaded.config == lite.config
     finally:
-        lite.recipe, lite._recipe = resolve_recipe("paper")
+        lite.recipe = "paper"
 
+
+
+def test_the_recipe_defaults_to_the_backbones_and_is_checked_when_set(lite):
+    from simplenet_fast.backbones import default_config
+    from simplenet_fast.backbones._base import BackboneDefaults
+
+    assert default_config("wide_resnet50_2").recipe == "paper"
+    declared = default_config("efficientnet_lite0").overridden({"recipe": "noise=relative"})
+    assert declared.recipe == "noise=relative"
+    with pytest.raises(ValueError, match="noise must be one of"):
+        default_config("efficientnet_lite0").overridden({"recipe": "noise=gaussian"})
+    assert isinstance(declared, BackboneDefaults)
+    backbone = torch.nn.Conv2d(3, 3, 1)  # never run: only its declared defaults are read
+    backbone.defaults = {"recipe": "loss=softplus"}
+    assert default_config(backbone).recipe == "loss=softplus"
+    with pytest.raises(ValueError, match="recipe"):
+        lite.recipe = "levels=0"
+    assert lite.recipe == "paper"  # a rejected value leaves the recipe as it was
+    lite.recipe = TrainingRecipe(noise="relative")
+    try:
+        assert lite.recipe == "noise=relative" and lite.config["recipe"] == "noise=relative"
+    finally:
+        lite.recipe = "paper"
 
 def test_a_file_from_before_recipes_loads_as_paper(lite, tmp_path):
     lite.save(tmp_path / "m.pt")
