@@ -91,20 +91,23 @@ def test_every_level_is_one_fake_copy_seen_by_batchnorm_with_the_true_features()
     assert seen == [4 * len(emb)]
 
 
-def test_one_step_by_hand_softplus_several_levels():
-    """noise = level * noise_std * N(0, 1), drawn per level in order; logistic loss; fake term
-    averaged over every copy."""
-    recipe = TrainingRecipe(levels=(0.5, 2.0), loss="softplus")
-    head, emb = head_and_embeddings(seed=5)
+def step_then_by_hand(recipe: TrainingRecipe, head_seed: int, noise_seed: int, noise_std=0.3):
+    """(loss of one trainer step, patches per copy, the discriminator's logits of the true
+    features and of each level's fake copy recomputed by hand from the same initial weights and
+    noise: level * noise_std * N(0, 1), drawn per level in order)."""
+    head, emb = head_and_embeddings(seed=head_seed)
     init = {k: v.clone() for k, v in head.state_dict().items()}
-    loss = trainer_for(recipe, head, noise_std=0.3, seed=9).step(emb).item()
-
+    loss = trainer_for(recipe, head, noise_std=noise_std, seed=noise_seed).step(emb).item()
     head.load_state_dict(init)
-    g = torch.Generator().manual_seed(9)
+    g = torch.Generator().manual_seed(noise_seed)
     t = head.adaptor(emb)
-    fakes = [t + torch.randn(t.shape, generator=g) * (0.3 * level) for level in (0.5, 2.0)]
-    logits = head.discriminator(torch.cat([t, *fakes]))
-    n = len(t)
+    fakes = [t + torch.randn(t.shape, generator=g) * (noise_std * level) for level in recipe.levels]
+    return loss, len(t), head.discriminator(torch.cat([t, *fakes]))
+
+
+def test_one_step_by_hand_softplus_several_levels():
+    """Logistic loss; the fake term averaged over every copy."""
+    loss, n, logits = step_then_by_hand(TrainingRecipe(levels=(0.5, 2.0), loss="softplus"), 5, 9)
     expected = F.softplus(-logits[:n]).mean() + (
         F.softplus(logits[n:2 * n]).mean() + F.softplus(logits[2 * n:]).mean()) / 2
     assert loss == pytest.approx(expected.item(), rel=1e-5)
@@ -251,15 +254,8 @@ def test_covariance_noise_has_the_features_covariance():
 
 
 def test_hard_l1_averages_over_the_patches_that_violate_the_margin():
-    recipe = TrainingRecipe(loss="hard_l1")
-    head, emb = head_and_embeddings(seed=6)
-    init = {k: v.clone() for k, v in head.state_dict().items()}
-    loss = trainer_for(recipe, head, noise_std=0.3, seed=2).step(emb).item()
-    head.load_state_dict(init)
-    g = torch.Generator().manual_seed(2)
-    t = head.adaptor(emb)
-    logits = head.discriminator(torch.cat([t, t + 0.3 * torch.randn(t.shape, generator=g)]))
-    true_excess, fake_excess = 0.5 - logits[:len(t)], logits[len(t):] + 0.5
-    assert 0 < int((true_excess > 0).sum()) < len(t)  # some, not all, violate: the cases differ
+    loss, n, logits = step_then_by_hand(TrainingRecipe(loss="hard_l1"), 6, 2)
+    true_excess, fake_excess = 0.5 - logits[:n], logits[n:] + 0.5
+    assert 0 < int((true_excess > 0).sum()) < n  # some, not all, violate: the cases differ
     expected = true_excess[true_excess > 0].mean() + fake_excess[fake_excess > 0].mean()
     assert loss == pytest.approx(expected.item(), rel=1e-5)
