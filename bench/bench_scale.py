@@ -36,7 +36,16 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
+
+
+def _child(**env: str) -> dict:
+    """subprocess arguments that make a child import the very simplenet_fast this process finds
+    (an installed build, or the one on PYTHONPATH; never the source tree by accident, which has
+    no compiled extension in a fresh clone)."""
+    import importlib.util
+    home = Path(importlib.util.find_spec("simplenet_fast").origin).resolve().parent.parent
+    return {"env": dict(os.environ, **env, PYTHONPATH=os.pathsep.join(
+        [str(home), os.environ.get("PYTHONPATH", "")])), "cwd": home}
 
 
 # ---------------------------------------------------------------------------------- images
@@ -100,8 +109,7 @@ def worker_memory(args) -> dict:
 
 def run_worker(extra: list[str], timeout: float = 7200) -> dict:
     command = [sys.executable, str(HERE / "bench_scale.py"), "memory", "--worker", *extra]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    out = subprocess.run(command, capture_output=True, text=True, timeout=timeout, **_child())
     if out.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -122,14 +130,13 @@ _RATE = re.compile(r"in ([0-9.]+) s \(([0-9.]+) images/s")
 
 
 def scaling_run(model: Path, folder: Path, out: Path, processes: int) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-               OMP_NUM_THREADS=str(2 // processes), OMP_WAIT_POLICY="PASSIVE")
+    child = _child(OMP_NUM_THREADS=str(2 // processes), OMP_WAIT_POLICY="PASSIVE")
     args = ["score", str(model), str(folder), "--csv", str(out), "--quiet", "--batch-size", "16"]
     command = ([sys.executable, "-m", "simplenet_fast", *args] if processes == 1 else
                [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc-per-node", str(processes), "-m", "simplenet_fast", *args])
     start = time.perf_counter()
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=7200)
+    result = subprocess.run(command, **child, capture_output=True, text=True, timeout=7200)
     wall = time.perf_counter() - start
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{result.stderr[-3000:]}")
@@ -180,7 +187,7 @@ def main(argv=None) -> int:
         print(json.dumps(worker_memory(args)))
         return 0
     with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(args.folder or tmp)
+        folder = Path(args.folder or tmp).resolve()  # children run in the package's home
         print(f"load average before: {os.getloadavg()}", flush=True)
         if args.what == "memory":
             sizes = [int(s) for s in args.sizes.split(",")]

@@ -144,6 +144,22 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer") from None
 
 
+def _agent_shares_its_store() -> bool:
+    """Whether torchrun's agent shares its rendezvous store with the workers (its default)."""
+    return os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+
+
+def _warn_if_restarts_share_the_store() -> None:
+    """Rank 0 warns when torchrun may restart workers that share its store: `_attempt_store`
+    keeps the attempts' keys apart, but restarted workers can still fail to connect."""
+    if _agent_shares_its_store() and _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 \
+            and _env_int("RANK", 0) == 0:
+        warnings.warn("torchrun shares its rendezvous store with the workers, and restarted "
+                      "workers may still fail to connect (pytorch/pytorch#135712): for "
+                      "--max-restarts, start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
+                      "in its environment", RuntimeWarning, stacklevel=3)
+
+
 def _attempt_store(dist, timeout: datetime.timedelta) -> dict:
     """init_process_group's store arguments: under a torchrun agent that shares its store with
     the workers, a key space of this restart attempt's own; else none (the env:// default).
@@ -154,13 +170,8 @@ def _attempt_store(dist, timeout: datetime.timedelta) -> dict:
     "connectFullMesh failed ... Connection refused" after a rank died). Every worker of an
     attempt has the same TORCHELASTIC_RESTART_COUNT, so prefixing with it keeps attempts apart.
     """
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != str(True):
+    if not _agent_shares_its_store():
         return {}
-    if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and _env_int("RANK", 0) == 0:
-        warnings.warn("torchrun shares its rendezvous store with the workers, and restarted "
-                      "workers may still fail to connect (pytorch/pytorch#135712): for "
-                      "--max-restarts, start torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 "
-                      "in its environment", RuntimeWarning, stacklevel=2)
     store, rank, size = next(dist.rendezvous("env://", timeout=timeout))
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return {"store": dist.PrefixStore(f"simplenet_fast/attempt-{attempt}/", store), "rank": rank,
@@ -200,6 +211,7 @@ def session(device: Union[str, torch.device, None] = None,
         kind = World(local_rank=local_rank, size=size).device(device).type
         if kind == "cuda":
             torch.cuda.set_device(local_rank)
+        _warn_if_restarts_share_the_store()
         dist.init_process_group("nccl" if kind == "cuda" else "gloo", timeout=timeout,
                                 **_attempt_store(dist, timeout))
         owned = True

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from PIL import Image
 
 import simplenet_fast
-from simplenet_fast import SimpleNet
+from simplenet_fast import SimpleNet, distributed
 from simplenet_fast.distributed import (JobError, UnreadableImageError, _decode, _encode,
                                         _fingerprint, format_score, heatmap_names, list_inputs,
                                         score_files)
@@ -401,7 +402,6 @@ def test_torchrun_two_processes_give_the_one_process_csv_and_heatmaps(job, tmp_p
 
 _DYING_WORKER = '''
 import os, sys
-from simplenet_fast import SimpleNet
 from simplenet_fast.distributed import JobError, score_files
 
 model_path, images, out, marker = sys.argv[1:5]
@@ -525,3 +525,18 @@ def test_job_error_names_the_rank():
 
     assert str(World(rank=1, size=3).fail("boom")) == "rank 1 of 3: boom"
     assert isinstance(World().fail("x"), JobError)
+
+
+@pytest.mark.parametrize("shared, restarts, rank, warns", [
+    ("True", "3", "0", True), ("True", "3", "1", False), ("True", "0", "0", False),
+    ("False", "3", "0", False)])
+def test_rank_0_warns_when_restarted_workers_would_share_torchruns_store(
+        monkeypatch, shared, restarts, rank, warns):
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", shared)
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", restarts)
+    monkeypatch.setenv("RANK", rank)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        distributed._warn_if_restarts_share_the_store()
+    assert [("TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in str(w.message)) for w in caught] == (
+        [True] if warns else [])
