@@ -98,7 +98,7 @@ class Config:
     # True: the paper's centre crop of the cell resized by 329/288; False: the whole cell resized
     # to image_size (no border cut off)
     crop: bool = CHOSEN.resize_mode == "crop"
-    recipe: str = getattr(CHOSEN, "recipe", "paper")  # simplenet_fast.recipes: a name or text form
+    recipe: str = CHOSEN.recipe  # simplenet_fast.recipes: a name or text form
 
     @property
     def resize_mode(self) -> str:
