@@ -402,6 +402,7 @@ def test_torchrun_two_processes_give_the_one_process_csv_and_heatmaps(job, tmp_p
 
 _DYING_WORKER = '''
 import os, sys
+from simplenet_fast import SimpleNet
 from simplenet_fast.distributed import JobError, score_files
 
 model_path, images, out, marker = sys.argv[1:5]
