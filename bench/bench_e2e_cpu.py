@@ -48,6 +48,8 @@ from simplenet_fast import SimpleNet, anomaly_map, build_info
 from simplenet_fast.backbones import default_config
 from simplenet_fast.preprocess import normalise
 
+from e2e_common import relative_error
+
 THREADS = int(os.environ.get("SIMPLENET_BENCH_THREADS", "2"))
 LITE0 = default_config("efficientnet_lite0")
 DIMS = (tuple(int(v) for v in os.environ["SIMPLENET_BENCH_DIMS"].split(","))
@@ -108,9 +110,6 @@ def runner(impl: str, model: SimpleNet, images: list[np.ndarray], batch: int):
             model.backbone.fast_inference = True
     return call
 
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def stage_breakdown(size: int = 288, rounds: int = 50) -> dict:

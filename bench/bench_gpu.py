@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import simplenet_fast  # noqa: E402
 from simplenet_fast import SimpleNetHead, _fused  # noqa: E402
 from simplenet_fast._fold import PoolPlanTensors, folded_patch_scores_torch, gflop_per_image  # noqa: E402
+from e2e_common import relative_error  # noqa: E402
 
 PAPER = dict(channels=(512, 1024), grid2=(36, 36), grid3=(18, 18), hidden=1024)
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
@@ -82,11 +83,6 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
         times.append(start.elapsed_time(end))
     return statistics.median(times)
 
-
-def relative_error(result, reference) -> float:
-    if not torch.isfinite(result).all():
-        return float("nan")
-    return ((result.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def kernel_times_us(fn, iterations: int = 5) -> dict[str, float]:

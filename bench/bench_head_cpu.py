@@ -33,6 +33,8 @@ import torch
 from simplenet_fast import SimpleNetHead, _fused, build_info
 from simplenet_fast._fold import folded_patch_scores_torch, gflop_per_image
 
+from e2e_common import relative_error
+
 
 @dataclass(frozen=True)
 class Config:
@@ -117,9 +119,6 @@ def runner(impl: str, state: dict):
     w2, p2, w3, p3 = state["mm"]
     return lambda: (torch.mm(w2, p2), torch.mm(w3, p3))
 
-
-def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((out.double() - ref.double()).norm() / ref.double().norm()).item()
 
 
 def peak_rss_added_mb(fn) -> float | None:

@@ -52,22 +52,28 @@ import platform
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 import torch
-from simplenet_fast import SimpleNet
+from simplenet_fast import SimpleNet, anomaly_map
 from simplenet_fast.backbones import build_backbone
 from simplenet_fast.backbones import default_config
-from simplenet_fast.data import _elpv_dataset, elpv_split
-from simplenet_fast.metrics import image_auroc
+from simplenet_fast.data import _elpv_dataset, elpv_split, mask_to_model_view
+from simplenet_fast.geometry import default_resize
+from simplenet_fast.metrics import aupro, image_auroc, pixel_auroc
 from simplenet_fast.preprocess import normalise, preprocess_image
+from simplenet_fast.recipes import resolve_recipe
 
 from synthetic_defects import defective_copies
 
 VAL_SPLIT_SEED = 20230607  # fixed permutation of the training normals for validation
 VAL_FRACTION = 0.3
 SYNTHETIC_SEED = 20261128    # synthetic defects of the validation normals (+ cell-type index)
+# Synthetic defects of the protocol's TEST normals, for the pixel metrics of the final report
+# only (`--synthetic-test`): a seed no selection ever used (+ 10 * protocol seed + cell-type index).
+SYNTHETIC_TEST_SEED = 20261201
+AUPRO_THRESHOLDS = 4096    # validation AUPRO: evenly spaced thresholds (the test report is exact)
 CELL_TYPES = ("mono", "poly")
 AUROC_AGREEMENT = 1e-3     # fused vs reference test AUROC (the issue's requirement)
 FEATURE_BATCH = 8
@@ -92,6 +98,7 @@ class Config:
     # True: the paper's centre crop of the cell resized by 329/288; False: the whole cell resized
     # to image_size (no border cut off)
     crop: bool = CHOSEN.resize_mode == "crop"
+    recipe: str = CHOSEN.recipe  # simplenet_fast.recipes: a name or text form
 
     @property
     def resize_mode(self) -> str:
@@ -101,11 +108,18 @@ class Config:
     def pretrain(self) -> int:
         return self.pretrain_dim or self.embed_dim
 
+    @property
+    def training_cost(self) -> float:
+        """Training cost in paper epochs: every fake copy is one more pass of the
+        discriminator over the batch (the paper's one copy: 2 passes per epoch)."""
+        return self.epochs * (1 + resolve_recipe(self.recipe)[1].fake_copies) / 2
+
     def label(self) -> str:
         p = f"/{self.pretrain}" if self.pretrain != self.embed_dim else ""
         view = "" if self.crop else " whole"
+        recipe = "" if self.recipe == "paper" else f" [{self.recipe}]"
         return (f"{self.image_size}px{view} T{self.embed_dim}{p} H{self.hidden} "
-                f"noise {self.noise_std:g} {self.epochs}ep")
+                f"noise {self.noise_std:g}{recipe} {self.epochs}ep")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -130,30 +144,69 @@ def backbone_features(raw: np.ndarray, image_size: int, resize_mode: str, backbo
     return crops, torch.cat(f2).clone(), torch.cat(f3).clone(), preprocess_s, backbone_s
 
 
+def synthetic_features(raw: np.ndarray, seed: int, image_size: int, resize_mode: str, backbone
+                       ) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+    """(layer-2 and layer-3 features of a synthetic-defect copy of every cell, their bool masks
+    [N, image_size, image_size] in the model's view)."""
+    copies, masks = defective_copies(raw, seed)
+    _, f2, f3, _, _ = backbone_features(copies, image_size, resize_mode, backbone)
+    resize = default_resize((image_size, image_size)) if resize_mode == "crop" else None
+    return f2, f3, np.stack([mask_to_model_view(m, resize, image_size, resize_mode)
+                             for m in masks])
+
+
+def code_version() -> str:
+    """A short hash of the code that makes the cached features: preprocessing, backbones and
+    the synthetic defects (`--feature-cache` files of other code are never read)."""
+    import hashlib
+    import simplenet_fast
+    package = os.path.dirname(simplenet_fast.__file__)
+    digest = hashlib.sha1()
+    for path in sorted([os.path.join(package, "preprocess.py"),
+                        os.path.join(os.path.dirname(__file__), "synthetic_defects.py")]
+                       + [os.path.join(package, "backbones", n)
+                          for n in os.listdir(os.path.join(package, "backbones"))
+                          if n.endswith(".py")]):
+        with open(path, "rb") as fh:
+            digest.update(fh.read())
+    return digest.hexdigest()[:12]
+
+
 class CellFeatures:
     """Crops and frozen-backbone features of every cell of one type at one geometry, and of a
     synthetic-defect copy of every normal cell of that type (validation only)."""
 
     def __init__(self, cell_type: str, image_size: int, resize_mode: str, backbone, log=print,
-                 synthetic: bool = False):
+                 synthetic: bool = False, cache_dir: str | None = None):
         images, probs, types = _elpv_dataset()
         self.cell_type, self.image_size = cell_type, image_size
         self.rows = np.flatnonzero(types == cell_type)
         self.position = {int(r): i for i, r in enumerate(self.rows)}
         self.probs = probs[self.rows]
         self.raw = images[self.rows]  # 300x300 uint8 grey, read-only
+        normal = self.rows_with_probability(0)
+        self.synthetic_position = {int(r): i for i, r in enumerate(normal)}
+        path = None
+        if cache_dir:
+            path = os.path.join(cache_dir, f"{cell_type}_{image_size}_{resize_mode}_"
+                                f"{'synthetic_' if synthetic else ''}{code_version()}.pt")
+            if os.path.isfile(path):
+                self.__dict__.update(torch.load(path, weights_only=False))
+                log(f"  features {cell_type} {image_size}px ({resize_mode}) from {path}")
+                return
         self.crops, self.f2, self.f3, self.preprocess_s, self.backbone_s = backbone_features(
             self.raw, image_size, resize_mode, backbone)
         log(f"  features {cell_type} {image_size}px ({resize_mode}): {len(self.rows)} cells, "
             f"preprocessing {1e3 * self.preprocess_s / len(self.rows):.2f} ms/img, backbone "
             f"{1e3 * self.backbone_s / len(self.rows):.2f} ms/img (batch {FEATURE_BATCH})")
         if synthetic:
-            normal = self.rows_with_probability(0)
-            self.synthetic_position = {int(r): i for i, r in enumerate(normal)}
-            copies, _ = defective_copies(self.raw[self.index(normal).numpy()],
-                                         SYNTHETIC_SEED + CELL_TYPES.index(cell_type))
-            _, self.synthetic_f2, self.synthetic_f3, _, _ = backbone_features(
-                copies, image_size, resize_mode, backbone)
+            self.synthetic_f2, self.synthetic_f3, self.synthetic_masks = synthetic_features(
+                self.raw[self.index(normal).numpy()], SYNTHETIC_SEED + CELL_TYPES.index(cell_type),
+                image_size, resize_mode, backbone)
+        if path:
+            keep = ("crops", "f2", "f3", "preprocess_s", "backbone_s", "synthetic_f2",
+                    "synthetic_f3", "synthetic_masks")
+            torch.save({k: getattr(self, k) for k in keep if hasattr(self, k)}, path)
 
     def index(self, rows) -> torch.Tensor:
         return torch.tensor([self.position[int(r)] for r in rows], dtype=torch.long)
@@ -173,15 +226,33 @@ class Validation:
     f3: torch.Tensor
     labels: np.ndarray
     synthetic: np.ndarray  # True where the defect is synthetic
+    masks: np.ndarray      # [n synthetic, S, S] bool ground truth of the synthetic defects
 
-    def aurocs(self, scores: np.ndarray) -> dict:
-        """AUROC of all defects, of the synthetic ones and of the p = 1/3 ones, each vs the normals."""
+    def metrics(self, patch_scores: torch.Tensor, sigma: float) -> dict:
+        """Image AUROC of all defects, of the synthetic ones and of the p = 1/3 ones, each vs the
+        normals; pixel AUROC and AUPRO of the synthetic defects' maps with the normals' maps."""
+        scores = patch_scores.amax((1, 2)).numpy()
         normal = self.labels == 0
         synthetic = normal | self.synthetic
         p13 = normal | (self.labels == 1) & ~self.synthetic
         return {"val_auroc": image_auroc(self.labels, scores),
                 "val_auroc_synthetic": image_auroc(self.labels[synthetic], scores[synthetic]),
-                "val_auroc_p13": image_auroc(self.labels[p13], scores[p13])}
+                "val_auroc_p13": image_auroc(self.labels[p13], scores[p13]),
+                **pixel_metrics(patch_scores[torch.from_numpy(normal)],
+                                patch_scores[torch.from_numpy(self.synthetic)], self.masks, sigma,
+                                "val_", AUPRO_THRESHOLDS)}
+
+
+def pixel_metrics(normal_scores: torch.Tensor, defect_scores: torch.Tensor, masks: np.ndarray,
+                  sigma: float, prefix: str = "", aupro_thresholds: int | None = None) -> dict:
+    """Pixel AUROC and AUPRO (FPR <= 0.3) of the anomaly maps (SPEC 1.10) of normal images
+    (no defect pixel) and defective ones (`masks`), from their patch scores."""
+    size = masks.shape[1:]
+    maps = torch.cat([anomaly_map(normal_scores, size, sigma), anomaly_map(defect_scores, size, sigma)])
+    truth = np.concatenate([np.zeros((len(normal_scores), *size), bool), masks])
+    maps = maps.numpy()
+    return {f"{prefix}pixel_auroc": pixel_auroc(truth, maps),
+            f"{prefix}aupro": aupro(truth, maps, num_thresholds=aupro_thresholds)}
 
 
 def validation_split(features: CellFeatures, train_rows: np.ndarray) -> tuple[np.ndarray, Validation]:
@@ -197,14 +268,15 @@ def validation_split(features: CellFeatures, train_rows: np.ndarray) -> tuple[np
     sizes = (len(val_normal), len(val_p13), len(val_synthetic))
     labels = np.repeat(np.array([0, 1, 1]), sizes)
     synthetic = np.repeat(np.array([False, False, True]), sizes)
-    return fit_rows, Validation(f2, f3, labels, synthetic)
+    return fit_rows, Validation(f2, f3, labels, synthetic,
+                                features.synthetic_masks[val_synthetic.numpy()])
 
 
 # ---------------------------------------------------------------------------------- model
 def make_model(cfg: Config, backbone) -> SimpleNet:
     return SimpleNet(backbone=backbone, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                      pretrain_embed_dim=cfg.pretrain, target_embed_dim=cfg.embed_dim,
-                     hidden=cfg.hidden, noise_std=cfg.noise_std)
+                     hidden=cfg.hidden, noise_std=cfg.noise_std, recipe=cfg.recipe)
 
 
 def embeddings(model: SimpleNet, feats: CellFeatures, index: torch.Tensor) -> torch.Tensor:
@@ -221,14 +293,19 @@ def embed_features(model: SimpleNet, f2: torch.Tensor, f3: torch.Tensor) -> torc
     return torch.cat(out)
 
 
-def image_scores(model: SimpleNet, f2: torch.Tensor, f3: torch.Tensor, fused: bool) -> np.ndarray:
-    """pred_score of `_device_forward` from cached features: max of the raw patch scores."""
+def patch_scores(model: SimpleNet, f2: torch.Tensor, f3: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Raw patch scores [N, H2, W2] of `_device_forward` from cached features."""
     out = []
     with torch.inference_mode():
         for i in range(0, len(f2), SCORE_BATCH):
             out.append(model.head.patch_scores([f2[i:i + SCORE_BATCH], f3[i:i + SCORE_BATCH]],
-                                               fused=fused).amax((1, 2)))
-    return torch.cat(out).numpy()
+                                               fused=fused))
+    return torch.cat(out).clone()
+
+
+def image_scores(model: SimpleNet, f2: torch.Tensor, f3: torch.Tensor, fused: bool) -> np.ndarray:
+    """pred_score of `_device_forward` from cached features: max of the raw patch scores."""
+    return patch_scores(model, f2, f3, fused).amax((1, 2)).numpy()
 
 
 def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, seed: int,
@@ -285,10 +362,11 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
 class Features:
     """CellFeatures per (cell type, geometry), one geometry held at a time."""
 
-    def __init__(self, log, synthetic: bool = False):
+    def __init__(self, log, synthetic: bool = False, cache_dir: str | None = None):
         self.backbone = build_backbone("efficientnet_lite0")
         self.log = log
         self.synthetic = synthetic
+        self.cache_dir = cache_dir
         self.held: dict = {}
 
     def get(self, cell_type: str, cfg: Config) -> CellFeatures:
@@ -297,72 +375,142 @@ class Features:
             for k in [k for k in self.held if k[1] != geometry]:
                 del self.held[k]
             self.held[cell_type, geometry] = CellFeatures(cell_type, *geometry, self.backbone,
-                                                          self.log, self.synthetic)
+                                                          self.log, self.synthetic, self.cache_dir)
         return self.held[cell_type, geometry]
 
 
 def run_select(args, cell_types, log) -> dict:
-    grid = [Config(s, t, args.pretrain_dim, h, n, max(args.checkpoints), c)
+    grid = [Config(s, t, args.pretrain_dim, h, n, max(args.checkpoints), c, r)
             for s in args.image_sizes for c in args.crops for t in args.embed_dims
-            for h in args.hiddens for n in args.noise_stds]
-    feats = Features(log, synthetic=True)
+            for h in args.hiddens for r in args.recipes for n in args.noise_stds]
+    feats = Features(log, synthetic=True, cache_dir=args.feature_cache)
     rows = []
+    train_seeds = args.train_seeds or [args.val_seed]
     log(f"selection: {len(grid)} configs x {cell_types}, validation on the training side of seed "
-        f"{args.val_seed}, checkpoints {args.checkpoints}")
+        f"{args.val_seed}, training seeds {train_seeds}, checkpoints {args.checkpoints}")
     for cfg in grid:
+        # Checkpoints of one run are the weights of shorter fits only when the schedule does not
+        # depend on the number of epochs; a learning-rate decay at fractions of it does.
+        scheduled = bool(resolve_recipe(cfg.recipe)[1].lr_milestones)
+        runs = ([(replace(cfg, epochs=e), [e]) for e in args.checkpoints] if scheduled
+                else [(cfg, args.checkpoints)])
         for ct in cell_types:
             f = feats.get(ct, cfg)
             fit_rows, val = validation_split(f, elpv_split(ct, args.val_seed).train_index)
-            model = make_model(cfg, feats.backbone)
-            results = {}
-
-            def evaluate(m, epoch, results=results, val=val):
-                results[epoch] = val.aurocs(image_scores(m, val.f2, val.f3, fused=True))
-            checkpoints = {e: (lambda m, e=e: evaluate(m, e)) for e in args.checkpoints}
-            seconds, history = train(model, f, fit_rows, cfg.epochs, args.val_seed, checkpoints)
-            for e in args.checkpoints:
-                rows.append({"cell_type": ct, **asdict(cfg), "epochs": e, **results[e],
-                             "fit_s": seconds * e / cfg.epochs, "n_fit": len(fit_rows),
-                             "n_val_normal": int((val.labels == 0).sum()),
-                             "n_val_defect": int(val.labels.sum()), "loss": history[e - 1]})
-            if args.out:  # after every run, so that a stopped search keeps what it measured
-                write_results({"mode": "select", "rows": rows}, args.out)
-            log(f"  {ct} {cfg.label().rsplit(' ', 1)[0]}: val AUROC (synthetic, p=1/3) "
-                + ", ".join(f"{e}ep {r['val_auroc']:.4f} ({r['val_auroc_synthetic']:.3f}, "
-                            f"{r['val_auroc_p13']:.3f})" for e, r in results.items())
-                + f"  (fit {seconds:.0f} s for {cfg.epochs} epochs on {len(fit_rows)} cells)")
-    return summarise_selection(rows, cell_types, args.tie, log)
+            for seed in train_seeds:
+                for run_cfg, checkpoints in runs:
+                    select_run(run_cfg, ct, f, fit_rows, val, seed, checkpoints, feats.backbone,
+                               rows, log)
+                    if args.out:  # after every run, so that a stopped search keeps its rows
+                        write_results({"mode": "select", "rows": rows}, args.out)
+    return summarise_selection(rows, cell_types, args, log)
 
 
-def summarise_selection(rows: list[dict], cell_types: list[str], tie: float, log) -> dict:
-    """Mean validation AUROC over the cell types per (config, epochs); the best mean wins, and
-    among configs within `tie` of it the one with the cheapest training."""
+def select_run(cfg: Config, ct: str, f: CellFeatures, fit_rows: np.ndarray, val: Validation,
+               seed: int, checkpoints: list[int], backbone, rows: list, log) -> None:
+    """One training run of `cfg` on the fit rows, scored on the validation set after each epoch
+    in `checkpoints`; appends one row per checkpoint."""
+    model = make_model(cfg, backbone)
+    results = {}
+
+    def evaluate(m, epoch):
+        results[epoch] = val.metrics(patch_scores(m, val.f2, val.f3, fused=True), m.sigma)
+    seconds, history = train(model, f, fit_rows, cfg.epochs, seed,
+                             {e: (lambda m, e=e: evaluate(m, e)) for e in checkpoints})
+    for e in checkpoints:
+        at = replace(cfg, epochs=e)
+        rows.append({"cell_type": ct, **asdict(at), "train_seed": seed, **results[e],
+                     "training_cost": at.training_cost, "fit_s": seconds * e / cfg.epochs,
+                     "n_fit": len(fit_rows), "n_val_normal": int((val.labels == 0).sum()),
+                     "n_val_defect": int(val.labels.sum()), "loss": history[e - 1]})
+    log(f"  {ct} {cfg.label().rsplit(' ', 1)[0]} seed {seed}: val AUROC (synthetic, p=1/3; "
+        f"pixel AUROC, AUPRO) " + ", ".join(
+            f"{e}ep {r['val_auroc']:.4f} ({r['val_auroc_synthetic']:.3f}, {r['val_auroc_p13']:.3f}; "
+            f"{r['val_pixel_auroc']:.3f}, {r['val_aupro']:.3f})" for e, r in results.items())
+        + f"  (fit {seconds:.0f} s for {cfg.epochs} epochs on {len(fit_rows)} cells)")
+
+
+def config_of(row: dict) -> Config:
+    """The Config of a results row (older rows lack later fields: their defaults apply)."""
+    kinds = {f.name: type(f.default) for f in fields(Config)}
+    return Config(**{k: row[k] in (True, "True") if kind is bool else kind(row[k])
+                     for k, kind in kinds.items() if k in row})
+
+
+def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> dict:
+    """The fixed rule of bench/results/elpv_recipe_rule.md over validation rows.
+
+    Per (config, epochs) and training seed `args.val_seed`: S = mean over the cell types of the
+    validation image AUROC. Candidates: training cost <= `args.budget` paper epochs. Eligible: S
+    within `args.tie` of the best. Order: the eligible by mean validation pixel AUPRO, best first,
+    then the rest by S. Chosen: the first in that order whose validation image AUROC, over the
+    training seeds in `args.stability_seeds`, spans at most `args.spread` on every cell type.
+    """
     table: dict = {}
     for r in rows:
-        key = (r["image_size"], r["embed_dim"], r["pretrain_dim"], r["hidden"], r["noise_std"],
-               r["epochs"], r.get("crop", True) in (True, "True"))
-        table.setdefault(key, {})[r["cell_type"]] = r
+        cfg = config_of(r)
+        table.setdefault(cfg, {}).setdefault(int(r.get("train_seed", args.val_seed)), {})[
+            r["cell_type"]] = r
     summary = []
-    for key, per in table.items():
+    for cfg, seeds in table.items():
+        per = seeds.get(args.val_seed, {})
         if not all(ct in per for ct in cell_types):
             continue
-        summary.append({"config": Config(*key), "val": {ct: per[ct]["val_auroc"] for ct in cell_types},
-                        "mean": statistics.fmean(per[ct]["val_auroc"] for ct in cell_types),
-                        "fit_s": sum(per[ct]["fit_s"] for ct in cell_types)})
-    best = max(s["mean"] for s in summary)
-    eligible = [s for s in summary if s["mean"] >= best - tie]
-    chosen = min(eligible, key=lambda s: s["fit_s"])
+        entry = {"config": cfg, "val": {ct: per[ct]["val_auroc"] for ct in cell_types},
+                 "mean": statistics.fmean(per[ct]["val_auroc"] for ct in cell_types),
+                 "aupro": (statistics.fmean(per[ct]["val_aupro"] for ct in cell_types)
+                           if all("val_aupro" in per[ct] for ct in cell_types) else math.nan),
+                 "pixel_auroc": (statistics.fmean(per[ct]["val_pixel_auroc"] for ct in cell_types)
+                                 if all("val_pixel_auroc" in per[ct] for ct in cell_types)
+                                 else math.nan),
+                 "cost": cfg.training_cost,
+                 "fit_s": sum(per[ct]["fit_s"] for ct in cell_types), "spread": None}
+        if all(all(ct in seeds.get(s, {}) for ct in cell_types) for s in args.stability_seeds):
+            entry["spread"] = max(
+                max(seeds[s][ct]["val_auroc"] for s in args.stability_seeds)
+                - min(seeds[s][ct]["val_auroc"] for s in args.stability_seeds) for ct in cell_types)
+        summary.append(entry)
+    if not summary:
+        raise SystemExit("no configuration has validation rows for every cell type")
+    candidates = [e for e in summary if e["cost"] <= args.budget]
+    best = max(e["mean"] for e in candidates)
+    eligible = [e for e in candidates if e["mean"] >= best - args.tie]
+    rest = [e for e in candidates if e not in eligible]
+    order = (sorted(eligible, key=lambda e: -e["aupro"] if math.isfinite(e["aupro"]) else math.inf)
+             + sorted(rest, key=lambda e: -e["mean"]))
+    chosen, pending = None, None
+    for e in order:
+        if e["spread"] is None:
+            pending = e  # the rule cannot go past a candidate whose stability is unknown
+            break
+        if e["spread"] <= args.spread:
+            chosen = e
+            break
     log("")
-    log(f"{'config':44s} " + " ".join(f"{ct:>7s}" for ct in cell_types) + "    mean   fit s")
-    for s in sorted(summary, key=lambda s: -s["mean"]):
-        mark = " <- chosen" if s is chosen else (" (tie)" if s in eligible else "")
-        log(f"{s['config'].label():44s} " + " ".join(f"{s['val'][ct]:7.4f}" for ct in cell_types)
-            + f"  {s['mean']:.4f}  {s['fit_s']:6.0f}{mark}")
-    log(f"chosen (best mean validation AUROC {best:.4f}, cheapest within {tie}): "
-        f"{chosen['config'].label()}")
-    return {"mode": "select", "rows": rows, "chosen": asdict(chosen["config"]),
-            "summary": [{**asdict(s["config"]), "val": s["val"], "mean": s["mean"], "fit_s": s["fit_s"]}
-                        for s in summary]}
+    log(f"{'config':64s} " + " ".join(f"{ct:>7s}" for ct in cell_types)
+        + "    mean  pixAUROC  AUPRO   cost  fit s  spread")
+    for e in sorted(summary, key=lambda e: -e["mean"]):
+        mark = (" <- chosen" if e is chosen else " <- next: needs stability seeds" if e is pending
+                else " (eligible)" if e in eligible else " (over budget)" if e not in candidates
+                else "")
+        spread = "-" if e["spread"] is None else f"{e['spread']:.4f}"
+        log(f"{e['config'].label():64s} " + " ".join(f"{e['val'][ct]:7.4f}" for ct in cell_types)
+            + f"  {e['mean']:.4f}  {e['pixel_auroc']:8.4f}  {e['aupro']:.4f}  {e['cost']:5.0f}"
+            + f"  {e['fit_s']:5.0f}  {spread:>6s}{mark}")
+    if chosen is not None:
+        log(f"chosen (best mean validation AUROC {best:.4f}; within {args.tie}: best AUPRO; "
+            f"seed spread <= {args.spread}): {chosen['config'].label()}")
+    elif pending is not None:
+        log(f"no choice yet: run training seeds {args.stability_seeds} for "
+            f"{pending['config'].label()}")
+
+    def plain(e):
+        return {**asdict(e["config"]), **{k: v for k, v in e.items() if k != "config"}}
+    return {"mode": "select", "rows": rows, "rule": "bench/results/elpv_recipe_rule.md",
+            "chosen": None if chosen is None else asdict(chosen["config"]),
+            "pending_stability": None if pending is None else asdict(pending["config"]),
+            "order": [e["config"].label() for e in order],
+            "summary": [plain(e) for e in summary]}
 
 
 def run_merge(args, cell_types, log) -> dict:
@@ -372,13 +520,14 @@ def run_merge(args, cell_types, log) -> dict:
         with open(path) as fh:
             rows += json.load(fh)["rows"]
     log(f"merged {len(rows)} validation rows from {len(args.merge)} files")
-    return summarise_selection(rows, cell_types, args.tie, log)
+    return summarise_selection(rows, cell_types, args, log)
 
 
 def nearest_neighbour_scores(memory: torch.Tensor, queries: torch.Tensor,
-                             chunk: int = 1 << 15) -> np.ndarray:
-    """Image scores of the nearest-neighbour baseline: per image, the largest distance of one of
-    its patches ([N, H2, W2, T] queries) to the nearest memory patch ([M, T])."""
+                             chunk: int = 1 << 15) -> torch.Tensor:
+    """Patch scores [N, H2, W2] of the nearest-neighbour baseline: the distance of each patch of
+    the [N, H2, W2, T] queries to the nearest memory patch ([M, T]). The image score is their
+    max, the map is made from them as from the head's (SPEC 1.10)."""
     out = []
     with torch.inference_mode():
         for image in queries:
@@ -386,8 +535,35 @@ def nearest_neighbour_scores(memory: torch.Tensor, queries: torch.Tensor,
             nearest = torch.full((len(patches),), math.inf)
             for block in memory.split(chunk):
                 nearest = torch.minimum(nearest, torch.cdist(patches, block).amin(1))
-            out.append(float(nearest.max()))
-    return np.array(out)
+            out.append(nearest.reshape(image.shape[:-1]))
+    return torch.stack(out).clone()
+
+
+@dataclass
+class SyntheticTest:
+    """Pixel-level test set of one protocol split (`--synthetic-test`, final report only): the
+    split's test normals and a synthetic-defect copy of each (seed SYNTHETIC_TEST_SEED, never used
+    by a selection), normals first."""
+    f2: torch.Tensor
+    f3: torch.Tensor
+    labels: np.ndarray
+    masks: np.ndarray  # [n copies, S, S]
+
+    @classmethod
+    def of(cls, f: CellFeatures, split, seed: int, image_size: int, resize_mode: str, backbone
+           ) -> "SyntheticTest":
+        normal = f.index(split.test_index[split.test_labels == 0])
+        f2, f3, masks = synthetic_features(
+            f.raw[normal.numpy()], SYNTHETIC_TEST_SEED + 10 * seed + CELL_TYPES.index(f.cell_type),
+            image_size, resize_mode, backbone)
+        labels = np.repeat(np.array([0, 1]), len(normal))
+        return cls(torch.cat([f.f2[normal], f2]), torch.cat([f.f3[normal], f3]), labels, masks)
+
+    def metrics(self, patch_scores: torch.Tensor, sigma: float) -> dict:
+        """Image AUROC of the copies vs the normals, exact pixel AUROC and AUPRO."""
+        n = int((self.labels == 0).sum())
+        return {"synthetic_auroc": image_auroc(self.labels, patch_scores.amax((1, 2)).numpy()),
+                **pixel_metrics(patch_scores[:n], patch_scores[n:], self.masks, sigma)}
 
 
 def run_nearest_neighbour(args, cell_types, log) -> dict:
@@ -397,8 +573,8 @@ def run_nearest_neighbour(args, cell_types, log) -> dict:
     not reproduced: the exact memory is its upper bound). Scored on the validation set of
     `--val-seed` (as `--select`) and on the test set of every seed in `--seeds`."""
     cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
-                 args.epochs, args.crop)
-    feats = Features(log, synthetic=True)
+                 args.epochs, args.crop, args.recipe)
+    feats = Features(log, synthetic=True, cache_dir=args.feature_cache)
     log(f"nearest neighbour on {cfg.label().split(' H')[0]} embeddings, memory fraction "
         f"{args.nn_memory_fraction:g}, validation of seed {args.val_seed}, test seeds {args.seeds}")
     model = make_model(cfg, feats.backbone)  # only its parameter-free head.embed is used
@@ -414,31 +590,43 @@ def run_nearest_neighbour(args, cell_types, log) -> dict:
     for ct in cell_types:
         f = feats.get(ct, cfg)
         fit_rows, val = validation_split(f, elpv_split(ct, args.val_seed).train_index)
-        start = time.perf_counter()
-        scores = nearest_neighbour_scores(memory_of(f, fit_rows, args.val_seed),
-                                          embed_features(model, val.f2, val.f3))
-        aurocs = val.aurocs(scores)
-        rows.append({"cell_type": ct, "split": "validation", "seed": args.val_seed, **aurocs,
-                     "memory_fraction": args.nn_memory_fraction, "seconds": time.perf_counter() - start})
-        log(f"  {ct} validation: AUROC {aurocs['val_auroc']:.4f} (synthetic "
-            f"{aurocs['val_auroc_synthetic']:.4f}, p=1/3 {aurocs['val_auroc_p13']:.4f})")
+        if args.validation:
+            start = time.perf_counter()
+            scores = nearest_neighbour_scores(memory_of(f, fit_rows, args.val_seed),
+                                              embed_features(model, val.f2, val.f3))
+            m = val.metrics(scores, model.sigma)
+            rows.append({"cell_type": ct, "split": "validation", "seed": args.val_seed, **m,
+                         "memory_fraction": args.nn_memory_fraction,
+                         "seconds": time.perf_counter() - start})
+            log(f"  {ct} validation: AUROC {m['val_auroc']:.4f} (synthetic "
+                f"{m['val_auroc_synthetic']:.4f}, p=1/3 {m['val_auroc_p13']:.4f}; pixel AUROC "
+                f"{m['val_pixel_auroc']:.4f}, AUPRO {m['val_aupro']:.4f})")
         for seed in args.seeds:
             split = elpv_split(ct, seed)
             start = time.perf_counter()
-            scores = nearest_neighbour_scores(memory_of(f, split.train_index, seed),
-                                              embeddings(model, f, f.index(split.test_index)))
-            rows.append({"cell_type": ct, "split": "test", "seed": seed,
-                         "auroc": image_auroc(split.test_labels, scores),
-                         "memory_fraction": args.nn_memory_fraction,
-                         "seconds": time.perf_counter() - start})
-            log(f"  {ct} test seed {seed}: AUROC {rows[-1]['auroc']:.4f}")
+            memory = memory_of(f, split.train_index, seed)
+            scores = nearest_neighbour_scores(memory, embeddings(model, f, f.index(split.test_index)))
+            row = {"cell_type": ct, "split": "test", "seed": seed,
+                   "auroc": image_auroc(split.test_labels, scores.amax((1, 2)).numpy()),
+                   "memory_fraction": args.nn_memory_fraction}
+            if args.synthetic_test:
+                test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize_mode, feats.backbone)
+                row.update(test.metrics(nearest_neighbour_scores(
+                    memory, embed_features(model, test.f2, test.f3)), model.sigma))
+            rows.append({**row, "seconds": time.perf_counter() - start})
+            log(f"  {ct} test seed {seed}: AUROC {row['auroc']:.4f}" + synthetic_summary(row))
     return {"mode": "nearest_neighbour", "config": asdict(cfg), "rows": rows}
+
+
+def synthetic_summary(row: dict) -> str:
+    return (f"; synthetic test: AUROC {row['synthetic_auroc']:.4f}, pixel AUROC "
+            f"{row['pixel_auroc']:.4f}, AUPRO {row['aupro']:.4f}" if "aupro" in row else "")
 
 
 def run_protocol(args, cell_types, log) -> dict:
     cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
-                 args.epochs, args.crop)
-    feats = Features(log)
+                 args.epochs, args.crop, args.recipe)
+    feats = Features(log, cache_dir=args.feature_cache)
     log(f"protocol: {cfg.label()}, seeds {args.seeds}, {cell_types}")
     rows = []
     for ct in cell_types:
@@ -461,6 +649,10 @@ def run_protocol(args, cell_types, log) -> dict:
                 row["auroc_diff"] = abs(row["auroc"] - row["auroc_reference"])
                 row["max_score_diff"] = float(np.abs(fused - reference).max())
                 assert row["auroc_diff"] <= AUROC_AGREEMENT, row
+            if args.synthetic_test:
+                test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize_mode, feats.backbone)
+                row.update(test.metrics(patch_scores(model, test.f2, test.f3, fused=True),
+                                        model.sigma))
             if k == 0 and args.end_to_end:
                 raw = [a for a in f.raw[test_index.numpy()]]
                 model.score(raw[:8], batch_size=8)  # warm-up (fold cache, allocator)
@@ -477,7 +669,8 @@ def run_protocol(args, cell_types, log) -> dict:
             if "e2e_images_per_s" in row:
                 extra += (f", model.score {row['e2e_images_per_s']:.1f} img/s (score diff "
                           f"{row['e2e_max_score_diff']:.1e})")
-            log(f"  {ct} seed {seed}: AUROC {row['auroc']:.4f}{extra}, fit {seconds:.0f} s")
+            log(f"  {ct} seed {seed}: AUROC {row['auroc']:.4f}{extra}, fit {seconds:.0f} s"
+                + synthetic_summary(row))
     log("")
     log(f"{'cell':5s} {'AUROC mean':>10s} {'std':>7s}  per seed{'':14s} {'fit s':>6s}  "
         f"{'|fused-ref|':>11s}  {'e2e img/s':>9s}")
@@ -488,11 +681,20 @@ def run_protocol(args, cell_types, log) -> dict:
         summary[ct] = {"mean": statistics.fmean(a), "std": statistics.stdev(a) if len(a) > 1 else 0.0,
                        "per_seed": a, "fit_s": statistics.fmean(r["fit_s"] for r in rs),
                        "max_auroc_diff": max((r.get("auroc_diff", 0.0) for r in rs), default=0.0)}
+        for key in ("synthetic_auroc", "pixel_auroc", "aupro"):
+            if all(key in r for r in rs):
+                v = [r[key] for r in rs]
+                summary[ct][key] = {"mean": statistics.fmean(v), "per_seed": v,
+                                    "std": statistics.stdev(v) if len(v) > 1 else 0.0}
         e2e = [r["e2e_images_per_s"] for r in rs if "e2e_images_per_s" in r]
         log(f"{ct:5s} {summary[ct]['mean']:10.4f} {summary[ct]['std']:7.4f}  "
             + " ".join(f"{x:.4f}" for x in a).ljust(22)
             + f" {summary[ct]['fit_s']:6.0f}  {summary[ct]['max_auroc_diff']:11.1e}  "
             + (f"{e2e[0]:9.1f}" if e2e else f"{'-':>9s}"))
+        if "aupro" in summary[ct]:
+            log(f"      synthetic test set: " + ", ".join(
+                f"{key} {summary[ct][key]['mean']:.4f} +- {summary[ct][key]['std']:.4f}"
+                for key in ("synthetic_auroc", "pixel_auroc", "aupro")))
     return {"mode": "protocol", "config": asdict(cfg), "rows": rows, "summary": summary}
 
 
@@ -510,6 +712,8 @@ def main(argv=None) -> int:
     p.add_argument("--crop", dest="crop", action="store_true", default=Config.crop,
                    help="the paper's resize-then-centre-crop instead of resizing the whole cell")
     p.add_argument("--noise-std", type=float, default=Config.noise_std)
+    p.add_argument("--recipe", default=Config.recipe,
+                   help="training recipe: a name of simplenet_fast.recipes.RECIPES or a text form")
     p.add_argument("--reference-seeds", type=int, nargs="*", default=None,
                    help="seeds whose test set is also scored by the reference head (default: first)")
     p.add_argument("--no-end-to-end", dest="end_to_end", action="store_false",
@@ -523,14 +727,31 @@ def main(argv=None) -> int:
                    help="crop: the paper's resize-then-centre-crop; whole: resize the whole cell")
     p.add_argument("--hiddens", type=int, nargs="+", default=[128])
     p.add_argument("--noise-stds", type=float, nargs="+", default=[0.015])
+    p.add_argument("--recipes", nargs="+", default=["paper"])
     p.add_argument("--checkpoints", type=int, nargs="+", default=[10, 20])
+    p.add_argument("--train-seeds", type=int, nargs="+", default=None,
+                   help="training seeds of --select (default: --val-seed); the rule's stability "
+                        "check needs --stability-seeds")
+    p.add_argument("--stability-seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--tie", type=float, default=0.005)
+    p.add_argument("--budget", type=float, default=60,
+                   help="largest training cost in paper epochs (Config.training_cost)")
+    p.add_argument("--spread", type=float, default=0.01,
+                   help="largest validation AUROC range over the stability seeds")
     p.add_argument("--merge", nargs="+", metavar="JSON",
                    help="redo the selection over the rows of earlier --select --out files")
     p.add_argument("--nearest-neighbour", action="store_true",
                    help="the nearest-neighbour baseline on the same embeddings (run_nearest_neighbour)")
+    p.add_argument("--no-validation", dest="validation", action="store_false",
+                   help="--nearest-neighbour: skip the validation set (test seeds only)")
+    p.add_argument("--synthetic-test", action="store_true",
+                   help="also score synthetic-defect copies of each split's test normals (pixel "
+                        "AUROC, AUPRO; seeds never used in selection): final report only")
     p.add_argument("--nn-memory-fraction", type=float, default=1.0,
                    help="seeded random fraction of the training patches kept as memory")
+    p.add_argument("--feature-cache", metavar="DIR",
+                   help="keep the backbone features of every geometry in DIR between runs (about "
+                        "1 GB per geometry; keyed by a hash of the code that makes them)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", help="write results to this .json (and a .csv beside it)")
     args = p.parse_args(argv)

@@ -36,6 +36,8 @@ from simplenet_fast.backbones import available_backbones, build_backbone, defaul
 from simplenet_fast.data import elpv_split
 from simplenet_fast.metrics import image_auroc
 
+from e2e_common import relative_error
+
 AUROC_TARGET = 0.002
 DISCORDANT_TARGET = 0.005
 SCORE_TOLERANCE = 2e-2  # SPEC 6
@@ -50,10 +52,6 @@ def discordant_fraction(a: np.ndarray, b: np.ndarray) -> float:
     upper = np.triu_indices(len(a), k=1)
     return float((da[upper] != db[upper]).mean())
 
-
-def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return float((a - b).norm() / b.norm())
 
 
 def make_model(backbone) -> SimpleNet:

@@ -199,6 +199,10 @@ def _training_options() -> argparse.ArgumentParser:
                    help="training images per step (default: 8, as the paper)")
     g.add_argument("--seed", type=_nonnegative_int, default=0,
                    help="seed of the head's init, shuffling, noise and hold-out split (default: 0)")
+    g.add_argument("--recipe", default=None,
+                   help="how the head is trained: 'paper' (SPEC 2) or a recipe's text form, e.g. "
+                        "'noise=relative,lr_scale=3,lr_milestones=0.8+0.9' (see "
+                        f"simplenet_fast.recipes; {_per_backbone('recipe')}); saved with the model")
     return p
 
 
@@ -504,6 +508,7 @@ def _model_config(args) -> dict:
         "pretrain_embed_dim": args.pretrain_embed_dim, "target_embed_dim": args.target_embed_dim,
         "hidden": args.hidden, "noise_std": args.noise_std,
         "epochs": getattr(args, "epochs", None),  # bench has no training options
+        "recipe": getattr(args, "recipe", None),
         "precision": args.precision or "float32",
     }
 

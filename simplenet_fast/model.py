@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._io import atomic_open
@@ -34,16 +33,13 @@ from .postprocess import anomaly_map as _anomaly_map, check_sigma
 from .preprocess import (PreparedImage, batched, count_images, decode, decoded_window,
                          image_header_size, iter_prepared, iter_sources, model_input, normalise,
                          prepare_image)
+from .recipes import RecipeTrainer, resolve_recipe
 
 FORMAT = "simplenet_fast"
 # 2: image_size stored as [H, W], plus resize_mode, tiling and epochs. Version 1 files (a square
 # image_size, crop mode) still load.
 FORMAT_VERSION = 2
 READABLE_VERSIONS = (1, 2)
-
-# SPEC 2: the official optimisers and constant learning rates.
-ADAPTOR_LR, ADAPTOR_WEIGHT_DECAY = 1e-4, 0.01        # AdamW
-DISCRIMINATOR_LR, DISCRIMINATOR_WEIGHT_DECAY = 2e-4, 1e-5  # Adam
 
 DEFAULT_FEATURE_CACHE_BYTES = 2 * 1024**3
 _PUBLISHED_WEIGHTS = ("imagenet",)  # weights a registry backbone rebuilds by name: not stored
@@ -127,9 +123,14 @@ class SimpleNet(nn.Module):
             the image's size, the image score is the max over windows. See `geometry.Tiling`.
             Saved with the model; `model.tiling` may be reassigned (e.g. another stride).
         pretrain_embed_dim, target_embed_dim, hidden: head sizes (SPEC 1.5, 1.6, 1.8).
-        noise_std: training noise (SPEC 2); must suit the scale of the backbone's features.
+        noise_std: training noise (SPEC 2); must suit the scale of the backbone's features (under
+            a relative-noise recipe, a fraction of the adapted features' spread).
         epochs: `fit`'s default number of epochs.
         margin: training loss margin (SPEC 2).
+        recipe: how `fit` trains the head: "paper" (SPEC 2), another name of
+            `simplenet_fast.recipes.RECIPES`, a `TrainingRecipe` or its text form (the backbone's
+            default unless given). Inference does not depend on it. `model.recipe` may be
+            reassigned before a `fit`.
         sigma: Gaussian blur of the anomaly map (SPEC 1.10); 0 disables it.
         precision: "float32", "bfloat16" or "auto" (`simplenet_fast._precision`). "bfloat16" runs
             the backbone in bfloat16, channels-last, where the device has bf16 arithmetic: on
@@ -167,6 +168,7 @@ class SimpleNet(nn.Module):
         noise_std: Optional[float] = None,
         epochs: Optional[int] = None,
         margin: float = 0.5,
+        recipe: Any = None,
         sigma: float = 4.0,
         precision: str = "float32",
         device: torch.device | str | None = None,
@@ -192,6 +194,7 @@ class SimpleNet(nn.Module):
         _check_int("epochs", epochs, 0)
         check_sigma(sigma, geometry.image_size)  # the rule anomaly_map applies to the map
         check_precision(precision)
+        recipe = resolve_recipe(_resolve(recipe, defaults.recipe))  # checked before the backbone
         self.backbone = build_backbone(backbone, weights=weights)
         self.head = SimpleNetHead(self.backbone.channels, pretrain_embed_dim,
                                   _resolve(target_embed_dim, defaults.target_embed_dim),
@@ -200,6 +203,7 @@ class SimpleNet(nn.Module):
         self.noise_std = float(noise_std)
         self.epochs = int(epochs)
         self.margin = float(margin)
+        self._recipe_name, self._recipe = recipe
         self.sigma = float(sigma)
         self.precision = precision
         self.image_threshold: float | None = None
@@ -246,6 +250,16 @@ class SimpleNet(nn.Module):
         self.geometry = InputGeometry(self.image_size, self.resize_mode, self.resize, value)
 
     @property
+    def recipe(self) -> str:
+        """The training recipe's registered name or text form (`simplenet_fast.recipes`)."""
+        return self._recipe_name
+
+    @recipe.setter
+    def recipe(self, value: Any) -> None:
+        """Another recipe for the next `fit` (the trained weights are unchanged)."""
+        self._recipe_name, self._recipe = resolve_recipe(value)
+
+    @property
     def config(self) -> dict:
         """The settings in use (besides backbone weights and device) as plain types: what
         `save` stores and `SimpleNet(**...)` takes back."""
@@ -259,6 +273,7 @@ class SimpleNet(nn.Module):
             "noise_std": self.noise_std,
             "epochs": self.epochs,
             "margin": self.margin,
+            "recipe": self.recipe,
             "sigma": self.sigma,
             "precision": self.precision,
         }
@@ -636,10 +651,16 @@ class SimpleNet(nn.Module):
             decodes its images again). 0 disables the cache.
 
         Training starts from the official init (`head.reset_parameters()`), so a second `fit`
-        starts over; thresholds are cleared (they belonged to the old weights). Optimisers:
-        adaptor AdamW(lr 1e-4, weight decay 0.01), discriminator Adam(lr 2e-4, weight decay
-        1e-5), constant rates. No checkpoint is selected on test data: the weights after the
+        starts over; thresholds are cleared (they belonged to the old weights). The model's
+        `recipe` (`simplenet_fast.recipes`) makes the fake features and sets the loss and
+        schedule; optimisers: adaptor AdamW(lr 1e-4, weight decay 0.01), discriminator Adam(lr
+        2e-4, weight decay 1e-5). No checkpoint is selected on test data: the weights after the
         last epoch are kept. The head is in eval mode afterwards.
+
+        A fit that does not finish leaves the model as it was before the call: an interrupt or an
+        error restores the head and the thresholds, and a loss that is not finite (training
+        diverged) raises FloatingPointError after the epoch it happened in, so that no
+        half-trained or NaN model can be saved.
 
         Returns the mean training loss of each epoch.
         """
@@ -658,24 +679,23 @@ class SimpleNet(nn.Module):
         n = len(data)
 
         self._graphs.clear()
+        before = ({k: v.clone() for k, v in self.head.state_dict().items()},
+                  self.image_threshold, self.pixel_threshold, self.threshold_info)
         self.image_threshold = self.pixel_threshold = self.threshold_info = None
-        _seeded_reset(self.head, seed, device)
-        order_generator = torch.Generator().manual_seed(seed)
-        noise_generator = torch.Generator(device).manual_seed(seed + 1)  # < 2**64
-        adaptor_opt = torch.optim.AdamW(self.head.adaptor.parameters(), lr=ADAPTOR_LR,
-                                        weight_decay=ADAPTOR_WEIGHT_DECAY)
-        disc_opt = torch.optim.Adam(self.head.discriminator.parameters(), lr=DISCRIMINATOR_LR,
-                                    weight_decay=DISCRIMINATOR_WEIGHT_DECAY)
-
-        cache = (self._embed_all(data, batch_size, feature_cache_bytes)
-                 if epochs and feature_cache_bytes else None)
-        real_patches = None  # [n, H2, W2] bool on the device when some inputs hold padding
-        if epochs and data.padded:
-            grid = (cache if cache is not None else self._embed(*data.batch([0]))).shape[1:3]
-            real_patches = data.real_patches(grid).to(device)
         history: list[float] = []
-        self.head.train()
         try:
+            _seeded_reset(self.head, seed, device)
+            order_generator = torch.Generator().manual_seed(seed)
+            noise_generator = torch.Generator(device).manual_seed(seed + 1)  # < 2**64
+            trainer = RecipeTrainer(self._recipe, self.head, self.noise_std, self.margin, epochs,
+                                    noise_generator)
+            cache = (self._embed_all(data, batch_size, feature_cache_bytes)
+                     if epochs and feature_cache_bytes else None)
+            real_patches = None  # [n, H2, W2] bool on the device when some inputs hold padding
+            if epochs and data.padded:
+                grid = (cache if cache is not None else self._embed(*data.batch([0]))).shape[1:3]
+                real_patches = data.real_patches(grid).to(device)
+            self.head.train()
             bar = tqdm(range(epochs), desc="SimpleNet fit", unit="epoch", disable=not progress)
             for _ in bar:
                 order = torch.randperm(n, generator=order_generator)
@@ -689,11 +709,21 @@ class SimpleNet(nn.Module):
                         embeddings = self._embed(*data.batch(index.tolist()))
                     if real_patches is not None:
                         embeddings = embeddings[real_patches[index.to(device)]]
-                    loss = self._train_step(embeddings, noise_generator, adaptor_opt, disc_opt)
+                    loss = self._train_step(embeddings, trainer)
                     total += loss.detach()
                     steps += 1
                 history.append(float(total) / steps)
+                if not math.isfinite(history[-1]):
+                    raise FloatingPointError(
+                        f"training diverged: the mean loss of epoch {len(history)} is "
+                        f"{history[-1]} (recipe {self.recipe!r}, noise_std "
+                        f"{self.noise_std:g}); the model is left as it was before fit")
+                trainer.end_epoch()
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
+        except BaseException:
+            self.head.load_state_dict(before[0])
+            self.image_threshold, self.pixel_threshold, self.threshold_info = before[1:]
+            raise
         finally:
             self.head.zero_grad(set_to_none=True)
             self.head.eval()
@@ -723,24 +753,9 @@ class SimpleNet(nn.Module):
             cache[start:start + embeddings.shape[0]] = embeddings
         return cache
 
-    def _train_step(self, embeddings: Tensor, noise_generator: torch.Generator,
-                    adaptor_opt: torch.optim.Optimizer, disc_opt: torch.optim.Optimizer) -> Tensor:
-        """One SPEC 2 step on every patch of a batch ([..., T] embeddings); returns the loss."""
-        head = self.head
-        true_feats = head.adaptor(embeddings.reshape(-1, head.target_embed_dim))
-        noise = torch.randn(true_feats.shape, generator=noise_generator, device=true_feats.device)
-        fake_feats = true_feats + noise * self.noise_std
-        # BatchNorm in training mode sees the true and the fake halves together (SPEC 2).
-        logits = head.discriminator(torch.cat([true_feats, fake_feats]))
-        true_logits, fake_logits = logits[:len(true_feats)], logits[len(true_feats):]
-        # Truncated L1 on the logits (scores are minus logits): true above +margin, fake below -margin.
-        loss = F.relu(self.margin - true_logits).mean() + F.relu(fake_logits + self.margin).mean()
-        adaptor_opt.zero_grad(set_to_none=True)
-        disc_opt.zero_grad(set_to_none=True)
-        loss.backward()
-        adaptor_opt.step()
-        disc_opt.step()
-        return loss
+    def _train_step(self, embeddings: Tensor, trainer: RecipeTrainer) -> Tensor:
+        """One step of the model's recipe on every patch of a batch; returns the loss."""
+        return trainer.step(embeddings)
 
     # ------------------------------------------------------------------------------ save / load
     def calibrate(self, normal_images: Any, **kwargs):
@@ -856,11 +871,14 @@ class SimpleNet(nn.Module):
 
 # ---------------------------------------------------------------------------------- helpers
 _CONFIG_ARGS = ("image_size", "resize_mode", "resize", "tiling", "pretrain_embed_dim",
-                "target_embed_dim", "hidden", "noise_std", "epochs", "margin", "sigma", "precision")
+                "target_embed_dim", "hidden", "noise_std", "epochs", "margin", "recipe", "sigma",
+                "precision")
 _CONFIG_TYPES = {"backbone": str, "weights_id": str, "resize_mode": str,
                  "pretrain_embed_dim": int, "target_embed_dim": int, "hidden": int,
                  "noise_std": (int, float), "epochs": int, "margin": (int, float),
-                 "sigma": (int, float), "precision": str}
+                 "sigma": (int, float), "precision": str, "recipe": str}
+# Entries a file written by an older release may lack, and what that release did.
+_CONFIG_SINCE = {"recipe": "paper"}  # before recipes, fit followed SPEC 2
 _V1_CONFIG_TYPES = {"image_size": int, "resize": int}
 
 
@@ -943,6 +961,7 @@ def _check_payload(obj: Any, where: str) -> tuple[dict, dict, dict | None]:
         raise ValueError(f"{where}: config must be a dict, got {type(config).__name__}")
     if version == 1:
         config = _upgrade_v1(config, where)
+    config = {**_CONFIG_SINCE, **config}
     _check_geometry_entries(config, where)
     for key, kind in _CONFIG_TYPES.items():
         if key not in config or isinstance(config[key], bool) or not isinstance(config[key], kind):

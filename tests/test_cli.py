@@ -173,6 +173,21 @@ def test_inconsistent_geometry_is_one_line(extra, message, data, tmp_path, capsy
     assert message in err and err.count("\n") == 1 and not out.exists()
 
 
+
+def test_train_takes_a_recipe_and_saves_it(data, tmp_path):
+    out = tmp_path / "m.pt"
+    recipe = "noise=relative,lr_scale=3,lr_milestones=0.8+0.9"
+    assert main(["train", str(data / "good"), "--out", str(out), "--recipe", recipe] + TRAIN) == 0
+    assert SimpleNet.load(out).recipe == recipe
+
+
+def test_a_bad_recipe_is_one_line_and_writes_nothing(data, tmp_path, capsys):
+    out = tmp_path / "m.pt"
+    argv = ["train", str(data / "good"), "--out", str(out), "--recipe", "noise=gaussian"] + TRAIN
+    assert main(argv) == EXIT_ERROR
+    err = capsys.readouterr().err
+    assert "noise must be one of" in err and err.count("\n") == 1 and not out.exists()
+
 # ---------------------------------------------------------------------------------- train
 def test_train_saves_a_model_with_thresholds_from_held_out_images(trained, capsys):
     model = SimpleNet.load(trained)

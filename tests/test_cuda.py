@@ -15,6 +15,7 @@ import torch
 
 import simplenet_fast
 from simplenet_fast import SimpleNetHead, _fused
+from conftest import relative_error
 
 
 def _skip_reason() -> str | None:
@@ -84,9 +85,6 @@ def poisoned(features) -> torch.Tensor:
     f2 = features[0]
     return torch.full((f2.shape[0], *f2.shape[2:]), float("nan"), device=f2.device)
 
-
-def relative_error(result: torch.Tensor, reference: torch.Tensor) -> float:
-    return ((result.double() - reference.double()).norm() / reference.double().norm()).item()
 
 
 def check_close(result, reference, compute_dtype):

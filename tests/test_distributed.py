@@ -372,8 +372,10 @@ def test_sigkill_at_a_random_point_then_resume_loses_nothing(job, tmp_path, proc
     else:
         command = _torchrun(2, *_score_args(job, out))
     killed_at = _kill_at_random_point(command, _work(out), rng)
-    if killed_at:
-        assert not out.exists()  # never a partial CSV
+    if killed_at and out.exists():
+        # The kill landed between the CSV's rename and the removal of the parts (a busy machine
+        # makes that window reachable): the CSV may exist then, but only whole, never partial.
+        assert out.read_text() == job["csv"]
     _check(subprocess.run(command + ["--resume"], **_proc(), capture_output=True, text=True,
                           timeout=240))
     assert out.read_text() == job["csv"]  # every image exactly once, the same bits

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..geometry import RESIZE_MODES, size_pair
+from ..recipes import resolve_recipe
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +39,8 @@ class BackboneDefaults:
     pretrain_embed_dim, target_embed_dim, hidden: head widths (SPEC 1.5, 1.6, 1.8).
     noise_std:   std of the training noise (SPEC 2); it must suit the scale of the features.
     epochs:      training epochs of `fit()`.
+    recipe:      how `fit()` trains the head (`simplenet_fast.recipes`): a registered name or a
+                 recipe's text form; "paper" (SPEC 2) unless a backbone declares another.
     """
 
     image_size: tuple[int, int]
@@ -47,9 +50,11 @@ class BackboneDefaults:
     hidden: int
     noise_std: float
     epochs: int
+    recipe: str = "paper"
 
     def __post_init__(self):
         object.__setattr__(self, "image_size", size_pair(self.image_size))
+        resolve_recipe(self.recipe)  # raises on a bad name or text form
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"resize_mode must be one of {RESIZE_MODES}, got {self.resize_mode!r}")
         for name in ("pretrain_embed_dim", "target_embed_dim", "hidden", "epochs"):

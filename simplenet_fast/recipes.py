@@ -1,0 +1,250 @@
+"""Training recipes: how the adaptor and discriminator learn from normal features.
+
+A recipe says how fake features are made from the adapted training features, which loss and
+which learning-rate schedule train the head, and how the adaptor starts. Inference never depends
+on it: the trained head is scored by the same reference and fused paths (SPEC 1 and 4), whatever
+recipe trained it.
+
+- ``"paper"``: SPEC 2 exactly (Gaussian noise of the fixed std ``noise_std`` on every adapted
+  feature, one fake copy, truncated L1 with ``margin``, constant learning rates). Its noise std is
+  in the features' own units, so it must be tuned per backbone (0.015 for WideResNet-50-2).
+
+A recipe is a `TrainingRecipe`; `SimpleNet(recipe=...)` takes a registered name (`RECIPES`), a
+`TrainingRecipe`, or its text form (`TrainingRecipe.spec()`, e.g. ``"noise=diagonal,levels=1+2"``),
+which is what a saved model stores.
+
+Fields:
+- ``noise``: how the fake features' noise is drawn, for a batch of adapted features ``t``
+  ([N, T], treated as constants: no gradient flows through the noise scale):
+  ``"absolute"``: N(0, noise_std^2) on every dimension (SPEC 2);
+  ``"relative"``: N(0, (noise_std * s)^2) with s the root mean square over dimensions of the
+  batch's per-dimension standard deviations (one scale for all dimensions);
+  ``"diagonal"``: N(0, (noise_std * s_d)^2) per dimension d, s_d that dimension's std in the batch;
+  ``"covariance"``: noise_std times a draw with the batch's own covariance: a sum of
+  `COVARIANCE_DRAWS` randomly chosen centred features of the batch, each weighted by an N(0, 1)
+  number, over sqrt(`COVARIANCE_DRAWS`). Lite0's patch features span few directions (64 of 384
+  hold 90% of their variance): isotropic noise mostly leaves that subspace, where a fake is
+  told apart by its distance from it alone; this noise stays in it, so the discriminator must
+  learn where in it normal features lie.
+  The relative kinds make ``noise_std`` a fraction of the features' spread, the same for every
+  backbone, and stop the adaptor from making the noise look larger by shrinking the features.
+- ``levels``: one fake copy of every patch per level, with noise std ``level * noise_std``; the
+  fake term of the loss is the mean over all copies.
+- ``loss``: ``"truncated_l1"`` (SPEC 2: ``relu(margin - true) + relu(fake + margin)`` on the
+  logits, each term a mean over all patches), ``"hard_l1"`` (the same terms, each a mean over
+  the patches that still violate the margin only: once most normal patches are learned, the
+  rare normal patterns left keep their full weight instead of 1/N each) or ``"softplus"``
+  (logistic loss, ``softplus(-true) + softplus(fake)``; never flat, so well-separated patches
+  keep pulling; ``margin`` is unused).
+- ``lr_scale``: both learning rates are SPEC 2's times this (a short schedule can learn as far
+  as a long one at a higher rate).
+- ``lr_milestones``, ``lr_gamma``: both learning rates are multiplied by ``lr_gamma`` after each
+  milestone, given as a fraction of the epochs (SuperSimpleNet: 0.8 and 0.9, gamma 0.4).
+- ``adaptor_init``: ``"xavier"`` (SPEC 2) or ``"identity"`` (the adaptor starts as the identity
+  map, so training starts from the backbone's own feature geometry).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+NOISE_KINDS = ("absolute", "relative", "diagonal", "covariance")
+LOSSES = ("truncated_l1", "hard_l1", "softplus")
+ADAPTOR_INITS = ("xavier", "identity")
+
+# SPEC 2: the official optimisers and learning rates.
+ADAPTOR_LR, ADAPTOR_WEIGHT_DECAY = 1e-4, 0.01        # AdamW
+DISCRIMINATOR_LR, DISCRIMINATOR_WEIGHT_DECAY = 2e-4, 1e-5  # Adam
+MAX_LEVELS = 8  # fake copies per patch: each one is a discriminator pass over the whole batch
+COVARIANCE_DRAWS = 4  # features summed per covariance-shaped noise vector
+
+
+@dataclass(frozen=True)
+class TrainingRecipe:
+    """How the head is trained (module doc). The defaults are SPEC 2's."""
+
+    noise: str = "absolute"
+    levels: tuple[float, ...] = (1.0,)
+    loss: str = "truncated_l1"
+    lr_scale: float = 1.0
+    lr_milestones: tuple[float, ...] = ()
+    lr_gamma: float = 0.4
+    adaptor_init: str = "xavier"
+
+    def __post_init__(self):
+        object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
+        object.__setattr__(self, "lr_milestones", tuple(float(v) for v in self.lr_milestones))
+        for name, value, known in (("noise", self.noise, NOISE_KINDS), ("loss", self.loss, LOSSES),
+                                   ("adaptor_init", self.adaptor_init, ADAPTOR_INITS)):
+            if value not in known:
+                raise ValueError(f"recipe {name} must be one of {list(known)}, got {value!r}")
+        if not 1 <= len(self.levels) <= MAX_LEVELS or not all(
+                math.isfinite(v) and v > 0 for v in self.levels):
+            raise ValueError(f"recipe levels must be 1..{MAX_LEVELS} positive finite noise "
+                             f"multiples, got {self.levels}")
+        if not all(0 < v < 1 for v in self.lr_milestones) or list(self.lr_milestones) != sorted(
+                set(self.lr_milestones)):
+            raise ValueError("recipe lr_milestones must be increasing fractions of the schedule in "
+                             f"(0, 1), got {self.lr_milestones}")
+        if not (isinstance(self.lr_gamma, (int, float)) and 0 < self.lr_gamma <= 1):
+            raise ValueError(f"recipe lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
+        if not (isinstance(self.lr_scale, (int, float)) and 0 < self.lr_scale <= 100):
+            raise ValueError(f"recipe lr_scale must be in (0, 100], got {self.lr_scale!r}")
+
+    @property
+    def fake_copies(self) -> int:
+        return len(self.levels)
+
+    def spec(self) -> str:
+        """The text form: the fields that differ from SPEC 2's, ``key=value`` joined by commas
+        (tuples joined by '+'); "" for the paper's recipe. `parse(spec())` gives the recipe back."""
+        parts = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value != f.default:
+                text = "+".join(f"{v:g}" for v in value) if isinstance(value, tuple) else (
+                    f"{value:g}" if isinstance(value, float) else str(value))
+                parts.append(f"{f.name}={text}")
+        return ",".join(parts)
+
+    @classmethod
+    def parse(cls, text: str) -> "TrainingRecipe":
+        """A recipe from its text form (`spec`)."""
+        recipe = cls()
+        if not text:
+            return recipe
+        kinds = {f.name: f.default for f in fields(cls)}
+        changes = {}
+        for part in text.split(","):
+            key, sep, value = part.partition("=")
+            key = key.strip()
+            if not sep or key not in kinds:
+                raise ValueError(f"recipe {text!r}: {part!r} is not key=value with a key in "
+                                 f"{sorted(kinds)}")
+            default = kinds[key]
+            try:
+                if isinstance(default, tuple):
+                    changes[key] = tuple(float(v) for v in value.split("+"))
+                elif isinstance(default, float):
+                    changes[key] = float(value)
+                else:
+                    changes[key] = value.strip()
+            except ValueError:
+                raise ValueError(f"recipe {text!r}: {key} takes numbers, got {value!r}") from None
+        return replace(recipe, **changes)
+
+
+RECIPES = {
+    "paper": TrainingRecipe(),
+}
+
+
+def resolve_recipe(recipe) -> tuple[str, TrainingRecipe]:
+    """(stored name, recipe) of a registered name, a text form or a `TrainingRecipe`. The stored
+    name is the registered name when the recipe is one, else its text form."""
+    if isinstance(recipe, TrainingRecipe):
+        found = recipe
+    elif isinstance(recipe, str):
+        found = RECIPES.get(recipe)
+        if found is None:
+            if "=" not in recipe:
+                raise ValueError(f"recipe must be one of {sorted(RECIPES)}, a TrainingRecipe or "
+                                 f"its text form ('noise=diagonal,levels=1+2'), got {recipe!r}")
+            found = TrainingRecipe.parse(recipe)
+    else:
+        raise ValueError(f"recipe must be a name, a TrainingRecipe or its text form, got "
+                         f"{type(recipe).__name__}")
+    name = next((n for n, r in RECIPES.items() if r == found), None)
+    return (name if name is not None else found.spec()), found
+
+
+class RecipeTrainer:
+    """The optimisers, schedule and training step of one `fit` under a recipe.
+
+    `step(embeddings)` trains on every patch of one batch ([b, H2, W2, T] or [n, T] embeddings)
+    and returns its loss (a 0-dim tensor); `end_epoch()` advances the learning-rate schedule.
+    """
+
+    def __init__(self, recipe: TrainingRecipe, head, noise_std: float, margin: float, epochs: int,
+                 noise_generator: torch.Generator):
+        self.recipe, self.head = recipe, head
+        self.noise_std, self.margin = float(noise_std), float(margin)
+        self.noise_generator = noise_generator
+        if recipe.adaptor_init == "identity":
+            with torch.no_grad():
+                head.adaptor.weight.copy_(torch.eye(head.target_embed_dim))
+                head.adaptor.bias.zero_()
+        self.adaptor_opt = torch.optim.AdamW(head.adaptor.parameters(),
+                                             lr=ADAPTOR_LR * recipe.lr_scale,
+                                             weight_decay=ADAPTOR_WEIGHT_DECAY)
+        self.disc_opt = torch.optim.Adam(head.discriminator.parameters(),
+                                         lr=DISCRIMINATOR_LR * recipe.lr_scale,
+                                         weight_decay=DISCRIMINATOR_WEIGHT_DECAY)
+        # Epochs after which the rates drop; a milestone that rounds to 0 epochs never fires.
+        self.drops = [round(f * epochs) for f in recipe.lr_milestones]
+        self.epoch = 0
+
+    def end_epoch(self) -> None:
+        self.epoch += 1
+        for _ in range(self.drops.count(self.epoch)):
+            for opt in (self.adaptor_opt, self.disc_opt):
+                for group in opt.param_groups:
+                    group["lr"] *= self.recipe.lr_gamma
+
+    def noise_scale(self, true_feats: Tensor) -> Tensor | float:
+        """The std of the unit-level Gaussian noise: a float, a 0-dim or a [T] tensor."""
+        kind = self.recipe.noise
+        if kind == "absolute":
+            return self.noise_std
+        spread = true_feats.detach().std(dim=0)  # [T]
+        if kind == "relative":
+            spread = spread.square().mean().sqrt()
+        return self.noise_std * spread
+
+    def unit_noise(self, true_feats: Tensor) -> Tensor:
+        """One draw of the level-1 noise for every row of `true_feats` [N, T] (module doc)."""
+        n, device, generator = len(true_feats), true_feats.device, self.noise_generator
+        if self.recipe.noise == "covariance":
+            centred = (true_feats - true_feats.mean(dim=0)).detach()
+            pick = torch.randint(n, (COVARIANCE_DRAWS, n), generator=generator, device=device)
+            weight = torch.randn(COVARIANCE_DRAWS, n, 1, generator=generator, device=device)
+            return (weight * centred[pick]).sum(0) * (self.noise_std / math.sqrt(COVARIANCE_DRAWS))
+        noise = torch.randn(true_feats.shape, generator=generator, device=device)
+        return noise * self.noise_scale(true_feats)
+
+    def step(self, embeddings: Tensor) -> Tensor:
+        head, recipe = self.head, self.recipe
+        true_feats = head.adaptor(embeddings.reshape(-1, head.target_embed_dim))
+        # level 1.0 adds the noise unscaled: exactly SPEC 2's numbers under "paper"
+        fakes = [true_feats + self.unit_noise(true_feats) * level for level in recipe.levels]
+        # BatchNorm in training mode sees the true features and every fake copy together (SPEC 2).
+        logits = head.discriminator(torch.cat([true_feats, *fakes]))
+        true_logits, fake_logits = logits[:len(true_feats)], logits[len(true_feats):]
+        # Scores are minus the logits: true patches are pushed up, fakes down. With several copies
+        # the fake term is the mean over all of them (each copy has as many patches as the batch).
+        if recipe.loss == "truncated_l1":
+            loss = F.relu(self.margin - true_logits).mean() + F.relu(fake_logits + self.margin).mean()
+        elif recipe.loss == "hard_l1":
+            loss = _mean_of_violations(self.margin - true_logits) + _mean_of_violations(
+                fake_logits + self.margin)
+        else:
+            loss = F.softplus(-true_logits).mean() + F.softplus(fake_logits).mean()
+        self.adaptor_opt.zero_grad(set_to_none=True)
+        self.disc_opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.adaptor_opt.step()
+        self.disc_opt.step()
+        return loss
+
+
+def _mean_of_violations(excess: Tensor) -> Tensor:
+    """Mean of the positive entries (0 when there are none), differentiable in them."""
+    violated = excess > 0
+    return (excess * violated).sum() / violated.sum().clamp(min=1)
+
+
+__all__ = ["TrainingRecipe", "RECIPES", "resolve_recipe", "RecipeTrainer"]

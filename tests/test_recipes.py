@@ -1,0 +1,261 @@
+"""Training recipes (simplenet_fast/recipes.py) and what fit guarantees under any recipe."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from simplenet_fast import SimpleNet, SimpleNetHead
+from simplenet_fast.recipes import RECIPES, RecipeTrainer, TrainingRecipe, resolve_recipe
+
+T, HIDDEN = 24, 16
+
+
+def head_and_embeddings(seed: int = 0, n: int = 64, spread: torch.Tensor | float = 1.0):
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    head = SimpleNetHead(channels=(8, 16), pretrain_embed_dim=T, target_embed_dim=T, hidden=HIDDEN)
+    embeddings = torch.randn(n, T, generator=g) * spread + 0.5
+    return head.train(), embeddings
+
+
+def trainer_for(recipe: TrainingRecipe, head, noise_std=0.5, margin=0.5, epochs=10, seed=1):
+    return RecipeTrainer(recipe, head, noise_std, margin, epochs, torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------- text form
+def test_spec_round_trips_and_paper_is_the_default():
+    assert RECIPES["paper"] == TrainingRecipe() and TrainingRecipe().spec() == ""
+    recipe = TrainingRecipe(noise="diagonal", levels=(0.5, 1, 2), loss="softplus", lr_scale=3,
+                            lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity")
+    assert TrainingRecipe.parse(recipe.spec()) == recipe
+    assert recipe.spec() == ("noise=diagonal,levels=0.5+1+2,loss=softplus,lr_scale=3,"
+                             "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity")
+    assert resolve_recipe("paper") == ("paper", RECIPES["paper"])
+    assert resolve_recipe(TrainingRecipe()) == ("paper", RECIPES["paper"])  # registered: its name
+    assert resolve_recipe("levels=1+2") == ("levels=1+2", TrainingRecipe(levels=(1, 2)))
+
+
+@pytest.mark.parametrize("bad, match", [
+    ("nonsense", "recipe must be one of"), ("noise=gaussian", "noise must be one of"),
+    ("levels=0", "levels"), ("levels=1+nan", "levels"), ("levels=" + "+".join(["1"] * 9), "levels"),
+    ("loss=l2", "loss must be"), ("lr_milestones=0.9+0.8", "increasing"),
+    ("lr_milestones=1.5", "lr_milestones"), ("lr_gamma=0", "lr_gamma"), ("lr_scale=0", "lr_scale"),
+    ("adaptor_init=zeros", "adaptor_init"), ("levels=a", "takes numbers"), ("depth=3", "key=value"),
+])
+def test_bad_recipes_raise_clear_errors(bad, match):
+    with pytest.raises(ValueError, match=match):
+        resolve_recipe(bad)
+    with pytest.raises(ValueError, match="recipe"):
+        SimpleNet("efficientnet_lite0", weights=None, image_size=32, resize=32, recipe=bad)
+
+
+def test_recipe_must_be_text_or_a_recipe():
+    with pytest.raises(ValueError, match="TrainingRecipe"):
+        resolve_recipe(3)
+
+
+# ------------------------------------------------------------------------------- noise
+def test_noise_scales_follow_the_adapted_features():
+    spread = torch.linspace(0.1, 4.0, T)  # per-dimension stds of the features
+    head, emb = head_and_embeddings(n=4096, spread=spread)
+    t = head.adaptor(emb)
+    std = t.detach().std(0)
+    assert trainer_for(TrainingRecipe(), head, noise_std=0.3).noise_scale(t) == 0.3
+    relative = trainer_for(TrainingRecipe(noise="relative"), head, noise_std=0.3).noise_scale(t)
+    torch.testing.assert_close(relative, 0.3 * std.square().mean().sqrt())
+    diagonal = trainer_for(TrainingRecipe(noise="diagonal"), head, noise_std=0.3).noise_scale(t)
+    torch.testing.assert_close(diagonal, 0.3 * std)
+    assert not relative.requires_grad and not diagonal.requires_grad  # no gradient through it
+
+
+def test_relative_noise_does_not_depend_on_the_features_units():
+    """Scaling the features by c scales a relative recipe's whole run by c: the same logits."""
+    recipe = TrainingRecipe(noise="relative", levels=(0.5, 2))
+    runs = []
+    for c in (1.0, 100.0):
+        head, emb = head_and_embeddings(seed=3)
+        with torch.no_grad():  # the same maps in other units: adapted features c * t, read as t
+            head.adaptor.bias *= c
+            head.discriminator.linear.weight /= c
+        trainer = trainer_for(recipe, head, noise_std=0.4)
+        runs.append(trainer.step(emb * c).item())
+    assert runs[0] == pytest.approx(runs[1], rel=1e-4)
+
+
+def test_every_level_is_one_fake_copy_seen_by_batchnorm_with_the_true_features():
+    head, emb = head_and_embeddings()
+    seen = []
+    head.discriminator.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    trainer_for(TrainingRecipe(levels=(0.5, 1, 2)), head).step(emb)
+    assert seen == [4 * len(emb)]
+
+
+def step_then_by_hand(recipe: TrainingRecipe, head_seed: int, noise_seed: int, noise_std=0.3):
+    """(loss of one trainer step, patches per copy, the discriminator's logits of the true
+    features and of each level's fake copy recomputed by hand from the same initial weights and
+    noise: level * noise_std * N(0, 1), drawn per level in order)."""
+    head, emb = head_and_embeddings(seed=head_seed)
+    init = {k: v.clone() for k, v in head.state_dict().items()}
+    loss = trainer_for(recipe, head, noise_std=noise_std, seed=noise_seed).step(emb).item()
+    head.load_state_dict(init)
+    g = torch.Generator().manual_seed(noise_seed)
+    t = head.adaptor(emb)
+    fakes = [t + torch.randn(t.shape, generator=g) * (noise_std * level) for level in recipe.levels]
+    return loss, len(t), head.discriminator(torch.cat([t, *fakes]))
+
+
+def test_one_step_by_hand_softplus_several_levels():
+    """Logistic loss; the fake term averaged over every copy."""
+    loss, n, logits = step_then_by_hand(TrainingRecipe(levels=(0.5, 2.0), loss="softplus"), 5, 9)
+    expected = F.softplus(-logits[:n]).mean() + (
+        F.softplus(logits[n:2 * n]).mean() + F.softplus(logits[2 * n:]).mean()) / 2
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
+# ------------------------------------------------------------------------------- schedule, init
+def test_learning_rates_drop_at_the_milestones():
+    head, _ = head_and_embeddings()
+    trainer = trainer_for(TrainingRecipe(lr_scale=2, lr_milestones=(0.5, 0.8), lr_gamma=0.1), head,
+                          epochs=10)
+    rates = []
+    for _ in range(10):
+        rates.append((trainer.adaptor_opt.param_groups[0]["lr"], trainer.disc_opt.param_groups[0]["lr"]))
+        trainer.end_epoch()
+    assert rates[:5] == [(2e-4, 4e-4)] * 5  # epochs 1-5: SPEC 2's rates times lr_scale
+    assert rates[5:8] == [pytest.approx((2e-5, 4e-5))] * 3  # after epoch 5
+    assert rates[8:] == [pytest.approx((2e-6, 4e-6))] * 2  # after epoch 8
+
+
+def test_identity_adaptor_init():
+    head, emb = head_and_embeddings()
+    trainer_for(TrainingRecipe(adaptor_init="identity"), head)
+    torch.testing.assert_close(head.adaptor(emb), emb, rtol=0, atol=0)
+
+
+# ------------------------------------------------------------------------------- through fit
+@pytest.fixture(scope="module")
+def lite() -> SimpleNet:
+    torch.manual_seed(0)
+    return SimpleNet("efficientnet_lite0", weights=None, image_size=32, resize=32,
+                     pretrain_embed_dim=T, target_embed_dim=T, hidden=HIDDEN)
+
+
+def stripes(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    ramp = torch.linspace(0, 1, 32)
+    rows = [0.5 + 0.4 * torch.sin(12.566 * (ramp + 0.2 * torch.rand((), generator=g)))
+            for _ in range(n)]
+    return torch.stack([r[None].expand(3, 32, 32) for r in rows])
+
+
+def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
+    lite.recipe = "noise=diagonal,levels=1+2,lr_milestones=0.5"
+    try:
+        images = stripes(6)
+        h1 = lite.fit(images, epochs=3, batch_size=3, seed=4, progress=False)
+        state = {k: v.clone() for k, v in lite.head.state_dict().items()}
+        assert lite.fit(images, epochs=3, batch_size=3, seed=4, progress=False) == h1
+        for k, v in lite.head.state_dict().items():
+            assert torch.equal(v, state[k]), k
+        lite.save(tmp_path / "m.pt")
+        loaded = SimpleNet.load(tmp_path / "m.pt")
+        assert loaded.recipe == "noise=diagonal,levels=1+2,lr_milestones=0.5"
+        assert loaded.config == lite.config
+    finally:
+        lite.recipe = "paper"
+
+
+
+def test_the_recipe_defaults_to_the_backbones_and_is_checked_when_set(lite):
+    from simplenet_fast.backbones import default_config
+    from simplenet_fast.backbones._base import BackboneDefaults
+
+    assert default_config("wide_resnet50_2").recipe == "paper"
+    declared = default_config("efficientnet_lite0").overridden({"recipe": "noise=relative"})
+    assert declared.recipe == "noise=relative"
+    with pytest.raises(ValueError, match="noise must be one of"):
+        default_config("efficientnet_lite0").overridden({"recipe": "noise=gaussian"})
+    assert isinstance(declared, BackboneDefaults)
+    backbone = torch.nn.Conv2d(3, 3, 1)  # never run: only its declared defaults are read
+    backbone.defaults = {"recipe": "loss=softplus"}
+    assert default_config(backbone).recipe == "loss=softplus"
+    with pytest.raises(ValueError, match="recipe"):
+        lite.recipe = "levels=0"
+    assert lite.recipe == "paper"  # a rejected value leaves the recipe as it was
+    lite.recipe = TrainingRecipe(noise="relative")
+    try:
+        assert lite.recipe == "noise=relative" and lite.config["recipe"] == "noise=relative"
+    finally:
+        lite.recipe = "paper"
+
+def test_a_file_from_before_recipes_loads_as_paper(lite, tmp_path):
+    lite.save(tmp_path / "m.pt")
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    del payload["config"]["recipe"]
+    torch.save(payload, tmp_path / "old.pt")
+    assert SimpleNet.load(tmp_path / "old.pt").recipe == "paper"
+    payload["config"]["recipe"] = 7
+    torch.save(payload, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match="recipe"):
+        SimpleNet.load(tmp_path / "bad.pt")
+
+
+def test_diverged_training_raises_and_leaves_the_model_as_it_was(lite):
+    images = stripes(4)
+    lite.fit(images, epochs=1, batch_size=4, seed=0, progress=False)
+    lite.image_threshold, lite.pixel_threshold = 1.5, 2.5
+    before = {k: v.clone() for k, v in lite.head.state_dict().items()}
+    lite.noise_std = 1e38  # noise overflows float32: the loss is NaN in the first epoch
+    try:
+        with pytest.raises(FloatingPointError, match="diverged.*epoch 1.*left as it was"):
+            lite.fit(images, epochs=3, batch_size=2, seed=1, progress=False)
+    finally:
+        lite.noise_std = 0.5
+    for k, v in lite.head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert (lite.image_threshold, lite.pixel_threshold) == (1.5, 2.5)
+    assert not lite.head.training and all(p.grad is None for p in lite.head.parameters())
+
+
+def test_an_interrupted_fit_leaves_the_model_as_it_was(lite, monkeypatch):
+    images = stripes(4)
+    lite.fit(images, epochs=1, batch_size=4, seed=0, progress=False)
+    before = {k: v.clone() for k, v in lite.head.state_dict().items()}
+    calls = []
+
+    def interrupt(embeddings, trainer):
+        calls.append(trainer.step(embeddings))
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return calls[-1]
+    monkeypatch.setattr(lite, "_train_step", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        lite.fit(images, epochs=2, batch_size=2, seed=1, progress=False)
+    for k, v in lite.head.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_covariance_noise_has_the_features_covariance():
+    """Many draws from one batch: mean 0 and the batch's covariance times noise_std^2; nothing
+    outside the span of the centred features."""
+    head, _ = head_and_embeddings()
+    g = torch.Generator().manual_seed(2)
+    basis = torch.randn(3, T, generator=g)  # features in a 3-dimensional subspace
+    t = torch.randn(512, 3, generator=g) @ basis + 1.0
+    trainer = trainer_for(TrainingRecipe(noise="covariance"), head, noise_std=0.5)
+    draws = torch.cat([trainer.unit_noise(t) for _ in range(200)]).double()
+    centred = (t - t.mean(0)).double()
+    expected = 0.25 * centred.T @ centred / len(t)
+    torch.testing.assert_close(draws.mean(0), torch.zeros(T, dtype=torch.float64), atol=0.02, rtol=0)
+    torch.testing.assert_close(draws.T @ draws / len(draws), expected, atol=0.05 * expected.abs().max(), rtol=0)
+    off_span = draws - draws @ torch.linalg.pinv(basis.double()) @ basis.double()
+    assert off_span.abs().max() < 1e-4
+
+
+def test_hard_l1_averages_over_the_patches_that_violate_the_margin():
+    loss, n, logits = step_then_by_hand(TrainingRecipe(loss="hard_l1"), 6, 2)
+    true_excess, fake_excess = 0.5 - logits[:n], logits[n:] + 0.5
+    assert 0 < int((true_excess > 0).sum()) < n  # some, not all, violate: the cases differ
+    expected = true_excess[true_excess > 0].mean() + fake_excess[fake_excess > 0].mean()
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
