@@ -444,7 +444,8 @@ def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> d
     validation image AUROC. Candidates: training cost <= `args.budget` paper epochs. Eligible: S
     within `args.tie` of the best. Order: the eligible by mean validation pixel AUPRO, best first,
     then the rest by S. Chosen: the first in that order whose validation image AUROC, over the
-    training seeds in `args.stability_seeds`, spans at most `args.spread` on every cell type.
+    training seeds in `args.stability_seeds`, spans at most `args.spread` on every cell type (a
+    candidate whose seeds run so far already span more has failed; its spread shows a "+").
     """
     table: dict = {}
     for r in rows:
@@ -464,11 +465,15 @@ def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> d
                                  if all("val_pixel_auroc" in per[ct] for ct in cell_types)
                                  else math.nan),
                  "cost": cfg.training_cost,
-                 "fit_s": sum(per[ct]["fit_s"] for ct in cell_types), "spread": None}
-        if all(all(ct in seeds.get(s, {}) for ct in cell_types) for s in args.stability_seeds):
-            entry["spread"] = max(
-                max(seeds[s][ct]["val_auroc"] for s in args.stability_seeds)
-                - min(seeds[s][ct]["val_auroc"] for s in args.stability_seeds) for ct in cell_types)
+                 "fit_s": sum(per[ct]["fit_s"] for ct in cell_types), "spread": None,
+                 "spread_complete": False}
+        runs = {ct: [seeds[s][ct]["val_auroc"] for s in args.stability_seeds
+                     if ct in seeds.get(s, {})] for ct in cell_types}
+        widest = max(max(v) - min(v) for v in runs.values() if v)
+        entry["spread_complete"] = all(len(v) == len(args.stability_seeds) for v in runs.values())
+        # More seeds can only widen a span: the seeds run so far decide a failure already.
+        if entry["spread_complete"] or widest > args.spread:
+            entry["spread"] = widest
         summary.append(entry)
     if not summary:
         raise SystemExit("no configuration has validation rows for every cell type")
@@ -493,7 +498,8 @@ def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> d
         mark = (" <- chosen" if e is chosen else " <- next: needs stability seeds" if e is pending
                 else " (eligible)" if e in eligible else " (over budget)" if e not in candidates
                 else "")
-        spread = "-" if e["spread"] is None else f"{e['spread']:.4f}"
+        spread = ("-" if e["spread"] is None else f"{e['spread']:.4f}"
+                  + ("" if e["spread_complete"] else "+"))
         log(f"{e['config'].label():64s} " + " ".join(f"{e['val'][ct]:7.4f}" for ct in cell_types)
             + f"  {e['mean']:.4f}  {e['pixel_auroc']:8.4f}  {e['aupro']:.4f}  {e['cost']:5.0f}"
             + f"  {e['fit_s']:5.0f}  {spread:>6s}{mark}")
@@ -503,6 +509,8 @@ def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> d
     elif pending is not None:
         log(f"no choice yet: run training seeds {args.stability_seeds} for "
             f"{pending['config'].label()}")
+    else:
+        log(f"no choice: every candidate's training seeds span more than {args.spread}")
 
     def plain(e):
         return {**asdict(e["config"]), **{k: v for k, v in e.items() if k != "config"}}
