@@ -111,7 +111,6 @@ def runner(impl: str, model: SimpleNet, images: list[np.ndarray], batch: int):
     return call
 
 
-
 def stage_breakdown(size: int = 288, rounds: int = 50) -> dict:
     """The stages of one batch-1 `model.score` call and the whole call, timed in the same rounds.
 

@@ -84,7 +84,6 @@ def median_ms(fn, reps: int, warmup: int = 3) -> float:
     return statistics.median(times)
 
 
-
 def kernel_times_us(fn, iterations: int = 5) -> dict[str, float]:
     """Mean device time per call of each CUDA kernel that fn launches, names shortened."""
     fn()

@@ -120,7 +120,6 @@ def runner(impl: str, state: dict):
     return lambda: (torch.mm(w2, p2), torch.mm(w3, p3))
 
 
-
 def peak_rss_added_mb(fn) -> float | None:
     """Peak resident memory one call adds, via Linux's resettable high-water mark (or None)."""
     def kib(field: str) -> int:

@@ -549,29 +549,33 @@ def nearest_neighbour_scores(memory: torch.Tensor, queries: torch.Tensor,
 
 @dataclass
 class SyntheticTest:
-    """Pixel-level test set of one protocol split (`--synthetic-test`, final report only): the
-    split's test normals and a synthetic-defect copy of each (seed SYNTHETIC_TEST_SEED, never used
-    by a selection), normals first."""
+    """Pixel-level test set of one protocol split (`--synthetic-test`, final report only): a
+    synthetic-defect copy of each of the split's test normals (seed SYNTHETIC_TEST_SEED, never
+    used by a selection). The normals themselves are the test set's own, already scored."""
     f2: torch.Tensor
     f3: torch.Tensor
-    labels: np.ndarray
     masks: np.ndarray  # [n copies, S, S]
 
     @classmethod
     def of(cls, f: CellFeatures, split, seed: int, image_size: int, resize_mode: str, backbone
            ) -> "SyntheticTest":
         normal = f.index(split.test_index[split.test_labels == 0])
-        f2, f3, masks = synthetic_features(
+        return cls(*synthetic_features(
             f.raw[normal.numpy()], SYNTHETIC_TEST_SEED + 10 * seed + CELL_TYPES.index(f.cell_type),
-            image_size, resize_mode, backbone)
-        labels = np.repeat(np.array([0, 1]), len(normal))
-        return cls(torch.cat([f.f2[normal], f2]), torch.cat([f.f3[normal], f3]), labels, masks)
+            image_size, resize_mode, backbone))
 
-    def metrics(self, patch_scores: torch.Tensor, sigma: float) -> dict:
-        """Image AUROC of the copies vs the normals, exact pixel AUROC and AUPRO."""
-        n = int((self.labels == 0).sum())
-        return {"synthetic_auroc": image_auroc(self.labels, patch_scores.amax((1, 2)).numpy()),
-                **pixel_metrics(patch_scores[:n], patch_scores[n:], self.masks, sigma)}
+    @staticmethod
+    def normals(split, test_patch_scores: torch.Tensor) -> torch.Tensor:
+        """The test normals' rows of the split's test patch scores (the copies' originals)."""
+        return test_patch_scores[torch.from_numpy(split.test_labels == 0)]
+
+    def metrics(self, normal_scores: torch.Tensor, copy_scores: torch.Tensor, sigma: float) -> dict:
+        """Image AUROC of the copies vs the normals, exact pixel AUROC and AUPRO, from their patch
+        scores [N, H2, W2]."""
+        labels = np.repeat(np.array([0, 1]), [len(normal_scores), len(copy_scores)])
+        images = torch.cat([normal_scores, copy_scores]).amax((1, 2)).numpy()
+        return {"synthetic_auroc": image_auroc(labels, images),
+                **pixel_metrics(normal_scores, copy_scores, self.masks, sigma)}
 
 
 def run_nearest_neighbour(args, cell_types, log) -> dict:
@@ -619,7 +623,7 @@ def run_nearest_neighbour(args, cell_types, log) -> dict:
                    "memory_fraction": args.nn_memory_fraction}
             if args.synthetic_test:
                 test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize_mode, feats.backbone)
-                row.update(test.metrics(nearest_neighbour_scores(
+                row.update(test.metrics(SyntheticTest.normals(split, scores), nearest_neighbour_scores(
                     memory, embed_features(model, test.f2, test.f3)), model.sigma))
             rows.append({**row, "seconds": time.perf_counter() - start})
             log(f"  {ct} test seed {seed}: AUROC {row['auroc']:.4f}" + synthetic_summary(row))
@@ -645,7 +649,8 @@ def run_protocol(args, cell_types, log) -> dict:
             seconds, history = train(model, f, split.train_index, cfg.epochs, seed,
                                      check_embedding=k == 0)
             test_index = f.index(split.test_index)
-            fused = image_scores(model, f.f2[test_index], f.f3[test_index], fused=True)
+            test_patches = patch_scores(model, f.f2[test_index], f.f3[test_index], fused=True)
+            fused = test_patches.amax((1, 2)).numpy()
             row = {"cell_type": ct, "seed": seed, **asdict(cfg), "n_train": len(split.train_index),
                    "n_test_normal": int((split.test_labels == 0).sum()),
                    "n_test_defect": int(split.test_labels.sum()),
@@ -659,7 +664,8 @@ def run_protocol(args, cell_types, log) -> dict:
                 assert row["auroc_diff"] <= AUROC_AGREEMENT, row
             if args.synthetic_test:
                 test = SyntheticTest.of(f, split, seed, cfg.image_size, cfg.resize_mode, feats.backbone)
-                row.update(test.metrics(patch_scores(model, test.f2, test.f3, fused=True),
+                row.update(test.metrics(SyntheticTest.normals(split, test_patches),
+                                        patch_scores(model, test.f2, test.f3, fused=True),
                                         model.sigma))
             if k == 0 and args.end_to_end:
                 raw = [a for a in f.raw[test_index.numpy()]]

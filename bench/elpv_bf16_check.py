@@ -53,7 +53,6 @@ def discordant_fraction(a: np.ndarray, b: np.ndarray) -> float:
     return float((da[upper] != db[upper]).mean())
 
 
-
 def make_model(backbone) -> SimpleNet:
     """The backbone's declared default configuration (what `SimpleNet(backbone)` and
     `simplenet-fast train --backbone ...` use)."""

@@ -754,7 +754,9 @@ class SimpleNet(nn.Module):
         return cache
 
     def _train_step(self, embeddings: Tensor, trainer: RecipeTrainer) -> Tensor:
-        """One step of the model's recipe on every patch of a batch; returns the loss."""
+        """One step of the model's recipe on every patch of a batch; returns the loss. Kept as a
+        method of the model so that one model's steps can be wrapped (tests count the patches a
+        fit sees; bench/elpv_benchmark.py takes its checkpoints here)."""
         return trainer.step(embeddings)
 
     # ------------------------------------------------------------------------------ save / load

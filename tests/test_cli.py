@@ -173,6 +173,13 @@ def test_inconsistent_geometry_is_one_line(extra, message, data, tmp_path, capsy
     assert message in err and err.count("\n") == 1 and not out.exists()
 
 
+# ---------------------------------------------------------------------------------- train
+def test_train_saves_a_model_with_thresholds_from_held_out_images(trained, capsys):
+    model = SimpleNet.load(trained)
+    assert model.image_size == (SIZE, SIZE) and model.backbone.name == "efficientnet_lite0"
+    assert model.head.hidden == 16
+    assert model.image_threshold is not None and model.pixel_threshold is not None
+
 
 def test_train_takes_a_recipe_and_saves_it(data, tmp_path):
     out = tmp_path / "m.pt"
@@ -187,13 +194,6 @@ def test_a_bad_recipe_is_one_line_and_writes_nothing(data, tmp_path, capsys):
     assert main(argv) == EXIT_ERROR
     err = capsys.readouterr().err
     assert "noise must be one of" in err and err.count("\n") == 1 and not out.exists()
-
-# ---------------------------------------------------------------------------------- train
-def test_train_saves_a_model_with_thresholds_from_held_out_images(trained, capsys):
-    model = SimpleNet.load(trained)
-    assert model.image_size == (SIZE, SIZE) and model.backbone.name == "efficientnet_lite0"
-    assert model.head.hidden == 16
-    assert model.image_threshold is not None and model.pixel_threshold is not None
 
 
 def test_train_reports_how_thresholds_were_set(data, tmp_path, capsys):

@@ -86,7 +86,6 @@ def poisoned(features) -> torch.Tensor:
     return torch.full((f2.shape[0], *f2.shape[2:]), float("nan"), device=f2.device)
 
 
-
 def check_close(result, reference, compute_dtype):
     assert torch.isfinite(result).all(), "NaN or Inf in the fused scores (an unwritten output?)"
     error = relative_error(result, reference)
