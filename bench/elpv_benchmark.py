@@ -312,7 +312,8 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
           checkpoints: dict | None = None, check_embedding: bool = False) -> tuple[float, list[float]]:
     """`model.fit` on the crops of `rows`, its embedding cache filled from cached features.
 
-    checkpoints: {epoch: callback(model)}, called with the head in eval mode when that epoch ends.
+    checkpoints: {epoch: callback(model)}, called with the head in eval mode when that epoch ends
+    (the last epoch's after `fit` returns: a recipe's `finish` may still change the weights).
     Returns (fit seconds excluding checkpoint callbacks, loss history).
     """
     index = feats.index(rows)
@@ -338,7 +339,7 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
             loss = step(*args)
             count[0] += 1
             epoch, rest = divmod(count[0], steps_per_epoch)
-            if rest == 0 and epoch in checkpoints:
+            if rest == 0 and epoch in checkpoints and epoch < epochs:
                 start = time.perf_counter()
                 model.head.eval()
                 checkpoints[epoch](model)
@@ -355,6 +356,8 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
     del model._embed_all
     if checkpoints:
         del model._train_step
+        if epochs in checkpoints:
+            checkpoints[epochs](model)
     return seconds, history
 
 
@@ -390,8 +393,10 @@ def run_select(args, cell_types, log) -> dict:
         f"{args.val_seed}, training seeds {train_seeds}, checkpoints {args.checkpoints}")
     for cfg in grid:
         # Checkpoints of one run are the weights of shorter fits only when the schedule does not
-        # depend on the number of epochs; a learning-rate decay at fractions of it does.
-        scheduled = bool(resolve_recipe(cfg.recipe)[1].lr_milestones)
+        # depend on the number of epochs; a learning-rate decay or an average over fractions of
+        # it does.
+        recipe = resolve_recipe(cfg.recipe)[1]
+        scheduled = bool(recipe.lr_milestones or recipe.average)
         runs = ([(replace(cfg, epochs=e), [e]) for e in args.checkpoints] if scheduled
                 else [(cfg, args.checkpoints)])
         for ct in cell_types:

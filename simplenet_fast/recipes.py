@@ -42,6 +42,12 @@ Fields:
   milestone, given as a fraction of the epochs (SuperSimpleNet: 0.8 and 0.9, gamma 0.4).
 - ``adaptor_init``: ``"xavier"`` (SPEC 2) or ``"identity"`` (the adaptor starts as the identity
   map, so training starts from the backbone's own feature geometry).
+- ``average``: 0 (SPEC 2) keeps the weights of the last step; a fraction f in (0, 1] makes the
+  trained head the mean of the head's weights and BatchNorm statistics after every step of the
+  last f of the epochs (stochastic weight averaging, Izmailov et al. 2018). The last step's
+  weights are one point of a noisy walk: on ELPV validation data, the paper recipe's image AUROC
+  moves by 0.01-0.02 from one epoch to the next, more than the recipes being compared differ.
+  The mean is still one head of the same shape, so inference is unchanged.
 """
 from __future__ import annotations
 
@@ -74,6 +80,7 @@ class TrainingRecipe:
     lr_milestones: tuple[float, ...] = ()
     lr_gamma: float = 0.4
     adaptor_init: str = "xavier"
+    average: float = 0.0
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
@@ -94,6 +101,9 @@ class TrainingRecipe:
             raise ValueError(f"recipe lr_gamma must be in (0, 1], got {self.lr_gamma!r}")
         if not (isinstance(self.lr_scale, (int, float)) and 0 < self.lr_scale <= 100):
             raise ValueError(f"recipe lr_scale must be in (0, 100], got {self.lr_scale!r}")
+        if not (isinstance(self.average, (int, float)) and 0 <= self.average <= 1):
+            raise ValueError(f"recipe average must be a fraction of the schedule in [0, 1], got "
+                             f"{self.average!r}")
 
     @property
     def fake_copies(self) -> int:
@@ -166,7 +176,8 @@ class RecipeTrainer:
     """The optimisers, schedule and training step of one `fit` under a recipe.
 
     `step(embeddings)` trains on every patch of one batch ([b, H2, W2, T] or [n, T] embeddings)
-    and returns its loss (a 0-dim tensor); `end_epoch()` advances the learning-rate schedule.
+    and returns its loss (a 0-dim tensor); `end_epoch()` advances the learning-rate schedule;
+    `finish()`, after the last epoch, gives the head its trained weights (the average's, if any).
     """
 
     def __init__(self, recipe: TrainingRecipe, head, noise_std: float, margin: float, epochs: int,
@@ -187,6 +198,12 @@ class RecipeTrainer:
         # Epochs after which the rates drop; a milestone that rounds to 0 epochs never fires.
         self.drops = [round(f * epochs) for f in recipe.lr_milestones]
         self.epoch = 0
+        # Steps of epochs from `average_from` on are averaged; at least the last epoch's when
+        # averaging is asked for at all.
+        self.average_from = (epochs - max(1, round(recipe.average * epochs))
+                             if recipe.average else None)
+        self.averaged: dict[str, Tensor] | None = None
+        self.averaged_steps = 0
 
     def end_epoch(self) -> None:
         self.epoch += 1
@@ -238,7 +255,27 @@ class RecipeTrainer:
         loss.backward()
         self.adaptor_opt.step()
         self.disc_opt.step()
+        if self.average_from is not None and self.epoch >= self.average_from:
+            self._accumulate()
         return loss
+
+    def _accumulate(self) -> None:
+        """Adds the head's current weights and BatchNorm statistics to the running mean (the
+        step counter `num_batches_tracked` is kept as the last step leaves it)."""
+        self.averaged_steps += 1
+        with torch.no_grad():
+            state = self.head.state_dict()
+            if self.averaged is None:
+                self.averaged = {k: v.detach().clone() for k, v in state.items()
+                                 if v.is_floating_point()}
+            else:
+                for k, mean in self.averaged.items():
+                    mean.add_(state[k] - mean, alpha=1 / self.averaged_steps)
+
+    def finish(self) -> None:
+        """Loads the averaged weights into the head (a no-op without averaging)."""
+        if self.averaged is not None:
+            self.head.load_state_dict(self.averaged, strict=False)
 
 
 def _mean_of_violations(excess: Tensor) -> Tensor:

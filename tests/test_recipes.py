@@ -27,10 +27,12 @@ def trainer_for(recipe: TrainingRecipe, head, noise_std=0.5, margin=0.5, epochs=
 def test_spec_round_trips_and_paper_is_the_default():
     assert RECIPES["paper"] == TrainingRecipe() and TrainingRecipe().spec() == ""
     recipe = TrainingRecipe(noise="diagonal", levels=(0.5, 1, 2), loss="softplus", lr_scale=3,
-                            lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity")
+                            lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity",
+                            average=0.25)
     assert TrainingRecipe.parse(recipe.spec()) == recipe
     assert recipe.spec() == ("noise=diagonal,levels=0.5+1+2,loss=softplus,lr_scale=3,"
-                             "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity")
+                             "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity,"
+                             "average=0.25")
     assert resolve_recipe("paper") == ("paper", RECIPES["paper"])
     assert resolve_recipe(TrainingRecipe()) == ("paper", RECIPES["paper"])  # registered: its name
     assert resolve_recipe("levels=1+2") == ("levels=1+2", TrainingRecipe(levels=(1, 2)))
@@ -42,6 +44,7 @@ def test_spec_round_trips_and_paper_is_the_default():
     ("loss=l2", "loss must be"), ("lr_milestones=0.9+0.8", "increasing"),
     ("lr_milestones=1.5", "lr_milestones"), ("lr_gamma=0", "lr_gamma"), ("lr_scale=0", "lr_scale"),
     ("adaptor_init=zeros", "adaptor_init"), ("levels=a", "takes numbers"), ("depth=3", "key=value"),
+    ("average=-0.1", "average"), ("average=1.5", "average"), ("average=nan", "average"),
 ])
 def test_bad_recipes_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -133,6 +136,42 @@ def test_identity_adaptor_init():
     torch.testing.assert_close(head.adaptor(emb), emb, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("average, epochs, averaged_epochs", [(0.5, 4, 2), (1, 3, 3), (0.01, 3, 1)])
+def test_average_is_the_mean_of_the_weights_after_every_step_of_the_last_epochs(
+        average, epochs, averaged_epochs):
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(TrainingRecipe(average=average), head, epochs=epochs)
+    after_steps = []  # [epoch][step] -> state
+    for _ in range(epochs):
+        after_steps.append([])
+        for batch in emb.split(16):
+            trainer.step(batch)
+            after_steps[-1].append({k: v.clone() for k, v in head.state_dict().items()})
+        trainer.end_epoch()
+    last = {k: v.clone() for k, v in head.state_dict().items()}
+    trainer.finish()
+    kept = [s for epoch in after_steps[epochs - averaged_epochs:] for s in epoch]
+    assert len(kept) == 4 * averaged_epochs
+    for k, v in head.state_dict().items():
+        if v.is_floating_point():  # weights and BatchNorm statistics alike
+            torch.testing.assert_close(v, torch.stack([s[k] for s in kept]).mean(0), msg=k)
+            assert not torch.equal(v, last[k]), k  # four or more steps differ from the last
+        else:  # the step counter is the last step's
+            assert torch.equal(v, last[k]), k
+
+
+def test_no_average_keeps_the_last_steps_weights():
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(TrainingRecipe(), head, epochs=2)
+    for _ in range(2):
+        trainer.step(emb)
+        trainer.end_epoch()
+    last = {k: v.clone() for k, v in head.state_dict().items()}
+    trainer.finish()
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, last[k]), k
+
+
 # ------------------------------------------------------------------------------- through fit
 @pytest.fixture(scope="module")
 def lite() -> SimpleNet:
@@ -165,6 +204,27 @@ def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
     finally:
         lite.recipe = "paper"
 
+
+
+def test_fit_keeps_the_averaged_weights(lite, monkeypatch):
+    states = []
+    step = SimpleNet._train_step
+
+    def recorded(self, *args):
+        loss = step(self, *args)
+        states.append({k: v.clone() for k, v in self.head.state_dict().items()})
+        return loss
+    monkeypatch.setattr(SimpleNet, "_train_step", recorded)
+    lite.recipe = "average=0.5"
+    try:
+        lite.fit(stripes(6), epochs=2, batch_size=3, seed=4, progress=False)  # 2 steps an epoch
+    finally:
+        lite.recipe = "paper"
+    assert len(states) == 4
+    for k, v in lite.head.state_dict().items():
+        expected = torch.stack([s[k] for s in states[2:]]).float().mean(0) if v.is_floating_point() \
+            else states[-1][k]
+        torch.testing.assert_close(v, expected, msg=k)
 
 
 def test_the_recipe_defaults_to_the_backbones_and_is_checked_when_set(lite):
