@@ -392,11 +392,11 @@ def run_select(args, cell_types, log) -> dict:
     log(f"selection: {len(grid)} configs x {cell_types}, validation on the training side of seed "
         f"{args.val_seed}, training seeds {train_seeds}, checkpoints {args.checkpoints}")
     for cfg in grid:
-        # Checkpoints of one run are the weights of shorter fits only when the schedule does not
-        # depend on the number of epochs; a learning-rate decay or an average over fractions of
-        # it does.
+        # Checkpoints of one run are the weights of shorter fits only when the head learns
+        # itself (not members merged at the end) and the schedule does not depend on the number
+        # of epochs (a learning-rate decay or an average over fractions of it does).
         recipe = resolve_recipe(cfg.recipe)[1]
-        scheduled = bool(recipe.lr_milestones or recipe.average)
+        scheduled = bool(recipe.lr_milestones or recipe.average or recipe.members > 1)
         runs = ([(replace(cfg, epochs=e), [e]) for e in args.checkpoints] if scheduled
                 else [(cfg, args.checkpoints)])
         for ct in cell_types:

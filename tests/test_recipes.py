@@ -28,11 +28,11 @@ def test_spec_round_trips_and_paper_is_the_default():
     assert RECIPES["paper"] == TrainingRecipe() and TrainingRecipe().spec() == ""
     recipe = TrainingRecipe(noise="diagonal", levels=(0.5, 1, 2), loss="softplus", lr_scale=3,
                             lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity",
-                            average=0.25)
+                            average=0.25, members=2)
     assert TrainingRecipe.parse(recipe.spec()) == recipe
     assert recipe.spec() == ("noise=diagonal,levels=0.5+1+2,loss=softplus,lr_scale=3,"
                              "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity,"
-                             "average=0.25")
+                             "average=0.25,members=2")
     assert resolve_recipe("paper") == ("paper", RECIPES["paper"])
     assert resolve_recipe(TrainingRecipe()) == ("paper", RECIPES["paper"])  # registered: its name
     assert resolve_recipe("levels=1+2") == ("levels=1+2", TrainingRecipe(levels=(1, 2)))
@@ -45,6 +45,7 @@ def test_spec_round_trips_and_paper_is_the_default():
     ("lr_milestones=1.5", "lr_milestones"), ("lr_gamma=0", "lr_gamma"), ("lr_scale=0", "lr_scale"),
     ("adaptor_init=zeros", "adaptor_init"), ("levels=a", "takes numbers"), ("depth=3", "key=value"),
     ("average=-0.1", "average"), ("average=1.5", "average"), ("average=nan", "average"),
+    ("members=0", "members"), ("members=9", "members"), ("members=1.5", "takes numbers"),
 ])
 def test_bad_recipes_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -172,6 +173,40 @@ def test_no_average_keeps_the_last_steps_weights():
         assert torch.equal(v, last[k]), k
 
 
+@pytest.mark.parametrize("recipe", ["members=4", "members=2,average=0.5,noise=diagonal"])
+def test_members_merge_into_one_head_whose_logit_is_their_mean(recipe):
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(resolve_recipe(recipe)[1], head, epochs=2)
+    assert len(trainer.members) == int(recipe[8]) and all(
+        m.hidden == HIDDEN // len(trainer.members) for m in trainer.members)
+    for _ in range(2):
+        for batch in emb.split(32):
+            trainer.step(batch)
+        trainer.end_epoch()
+    trainer.finish()
+    assert head.hidden == HIDDEN and head.discriminator.bn.num_batches_tracked == 4
+    for train in (False, True):  # BatchNorm's running and batch statistics alike
+        head.train(train), trainer.members.train(train)
+        with torch.no_grad():
+            members = torch.stack([m.discriminator(m.adaptor(emb)) for m in trainer.members])
+            torch.testing.assert_close(head.discriminator(head.adaptor(emb)), members.mean(0))
+    # the members are not copies of one another: each has its own init and noise
+    first, second = (m.discriminator.linear.weight for m in trainer.members[:2])
+    assert not torch.allclose(first, second)
+
+
+def test_members_must_divide_the_hidden_width():
+    head, _ = head_and_embeddings()
+    with pytest.raises(ValueError, match="members=3 must divide .* 16"):
+        trainer_for(TrainingRecipe(members=3), head)
+
+
+def test_the_paper_recipe_trains_the_head_itself():
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(TrainingRecipe(), head)
+    assert list(trainer.members) == [head]
+
+
 # ------------------------------------------------------------------------------- through fit
 @pytest.fixture(scope="module")
 def lite() -> SimpleNet:
@@ -189,7 +224,7 @@ def stripes(n: int) -> torch.Tensor:
 
 
 def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
-    lite.recipe = "noise=diagonal,levels=1+2,lr_milestones=0.5"
+    lite.recipe = "noise=diagonal,levels=1+2,lr_milestones=0.5,members=2"
     try:
         images = stripes(6)
         h1 = lite.fit(images, epochs=3, batch_size=3, seed=4, progress=False)
@@ -199,7 +234,7 @@ def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
             assert torch.equal(v, state[k]), k
         lite.save(tmp_path / "m.pt")
         loaded = SimpleNet.load(tmp_path / "m.pt")
-        assert loaded.recipe == "noise=diagonal,levels=1+2,lr_milestones=0.5"
+        assert loaded.recipe == "noise=diagonal,levels=1+2,lr_milestones=0.5,members=2"
         assert loaded.config == lite.config
     finally:
         lite.recipe = "paper"
