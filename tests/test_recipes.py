@@ -212,7 +212,7 @@ def test_the_paper_recipe_trains_the_head_itself():
 def lite() -> SimpleNet:
     torch.manual_seed(0)
     return SimpleNet("efficientnet_lite0", weights=None, image_size=32, resize=32,
-                     pretrain_embed_dim=T, target_embed_dim=T, hidden=HIDDEN)
+                     pretrain_embed_dim=T, target_embed_dim=T, hidden=HIDDEN, recipe="paper")
 
 
 def stripes(n: int) -> torch.Tensor:
@@ -267,6 +267,10 @@ def test_the_recipe_defaults_to_the_backbones_and_is_checked_when_set(lite):
     from simplenet_fast.backbones._base import BackboneDefaults
 
     assert default_config("wide_resnet50_2").recipe == "paper"
+    lite0 = default_config("efficientnet_lite0")  # chosen on ELPV validation data (rule 2)
+    assert (lite0.recipe, lite0.noise_std) == ("relative", 0.25)
+    assert SimpleNet("efficientnet_lite0", weights=None).recipe == "relative"
+    assert RECIPES["relative"] == TrainingRecipe.parse("noise=relative,lr_scale=3,lr_milestones=0.8+0.9")
     declared = default_config("efficientnet_lite0").overridden({"recipe": "noise=relative"})
     assert declared.recipe == "noise=relative"
     with pytest.raises(ValueError, match="noise must be one of"):
