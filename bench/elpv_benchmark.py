@@ -312,7 +312,8 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
           checkpoints: dict | None = None, check_embedding: bool = False) -> tuple[float, list[float]]:
     """`model.fit` on the crops of `rows`, its embedding cache filled from cached features.
 
-    checkpoints: {epoch: callback(model)}, called with the head in eval mode when that epoch ends.
+    checkpoints: {epoch: callback(model)}, called with the head in eval mode when that epoch ends
+    (the last epoch's after `fit` returns: a recipe's `finish` may still change the weights).
     Returns (fit seconds excluding checkpoint callbacks, loss history).
     """
     index = feats.index(rows)
@@ -338,7 +339,7 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
             loss = step(*args)
             count[0] += 1
             epoch, rest = divmod(count[0], steps_per_epoch)
-            if rest == 0 and epoch in checkpoints:
+            if rest == 0 and epoch in checkpoints and epoch < epochs:
                 start = time.perf_counter()
                 model.head.eval()
                 checkpoints[epoch](model)
@@ -355,6 +356,8 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
     del model._embed_all
     if checkpoints:
         del model._train_step
+        if epochs in checkpoints:
+            checkpoints[epochs](model)
     return seconds, history
 
 
@@ -389,9 +392,11 @@ def run_select(args, cell_types, log) -> dict:
     log(f"selection: {len(grid)} configs x {cell_types}, validation on the training side of seed "
         f"{args.val_seed}, training seeds {train_seeds}, checkpoints {args.checkpoints}")
     for cfg in grid:
-        # Checkpoints of one run are the weights of shorter fits only when the schedule does not
-        # depend on the number of epochs; a learning-rate decay at fractions of it does.
-        scheduled = bool(resolve_recipe(cfg.recipe)[1].lr_milestones)
+        # Checkpoints of one run are the weights of shorter fits only when the head learns
+        # itself (not members merged at the end) and the schedule does not depend on the number
+        # of epochs (a learning-rate decay or an average over fractions of it does).
+        recipe = resolve_recipe(cfg.recipe)[1]
+        scheduled = bool(recipe.lr_milestones or recipe.average or recipe.members > 1)
         runs = ([(replace(cfg, epochs=e), [e]) for e in args.checkpoints] if scheduled
                 else [(cfg, args.checkpoints)])
         for ct in cell_types:
@@ -521,6 +526,93 @@ def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> d
             "summary": [plain(e) for e in summary]}
 
 
+# Lite0's default when bench/results/elpv_recipe_rule2.md was written: what a new one must beat.
+RULE2_BASELINE = Config(image_size=224, embed_dim=384, hidden=256, noise_std=2.0, epochs=20,
+                        crop=False, recipe="paper")
+
+
+def summarise_three_seed_rule(rows: list[dict], cell_types: list[str], args, log) -> dict:
+    """The fixed rule of bench/results/elpv_recipe_rule2.md over validation rows.
+
+    Candidates: configs with rows for every training seed in `args.stability_seeds` on every
+    cell type, trained in at most `args.time_budget` times the fit time of the default when the
+    rule was written (`RULE2_BASELINE`, which must be among them): the recipe's step time over the paper's (the
+    `--step-times` file of bench/bench_recipe_step.py) times its epochs over the default's.
+    S = mean over the cell types of the seeds' mean validation AUROC; span = the widest, over
+    the cell types, of max - min over the seeds. Chosen: the best S among spans <= `args.spread`, if within
+    `args.tie` of the default's S or above it (ties within `args.tie`: the fastest to train);
+    else the smallest span, if at most 0.75x the default's and its S is at least the default's.
+    """
+    table: dict = {}
+    for r in rows:
+        table.setdefault(config_of(r), {}).setdefault(r["cell_type"], {})[
+            int(r.get("train_seed", args.val_seed))] = r
+    seeds = list(args.stability_seeds)
+    complete = {cfg: per for cfg, per in table.items()
+                if all(all(s in per.get(ct, {}) for s in seeds) for ct in cell_types)}
+    default = RULE2_BASELINE
+    if default not in complete:
+        raise SystemExit(f"the rule's baseline ({default.label()}) needs rows for training seeds "
+                         f"{seeds} on {cell_types}")
+
+    if not args.step_times:
+        raise SystemExit("the three-seed rule needs --step-times (bench/bench_recipe_step.py)")
+    with open(args.step_times) as fh:
+        step_ratio = json.load(fh)["ratio_to_paper"]
+    missing = sorted({cfg.recipe for cfg in complete} - set(step_ratio))
+    if missing:
+        raise SystemExit(f"{args.step_times} has no step time for the recipes {missing}")
+
+    summary = []
+    for cfg, per in complete.items():
+        val = {ct: [per[ct][s]["val_auroc"] for s in seeds] for ct in cell_types}
+        summary.append({
+            "config": cfg, "val": {ct: statistics.fmean(v) for ct, v in val.items()},
+            "seeds": val, "S": statistics.fmean(statistics.fmean(v) for v in val.values()),
+            "span": max(max(v) - min(v) for v in val.values()),
+            "aupro": statistics.fmean(per[ct][s]["val_aupro"] for ct in cell_types for s in seeds),
+            "pixel_auroc": statistics.fmean(per[ct][s]["val_pixel_auroc"]
+                                            for ct in cell_types for s in seeds),
+            "time": step_ratio[cfg.recipe] * cfg.epochs / default.epochs})
+    base = next(e for e in summary if e["config"] == default)
+    candidates = [e for e in summary if e["time"] <= args.time_budget]
+    stable = [e for e in candidates if e["span"] <= args.spread]
+    chosen, how = None, ""
+    if stable:
+        best = max(e["S"] for e in stable)
+        if best >= base["S"] - args.tie:
+            chosen = min((e for e in stable if e["S"] >= best - args.tie), key=lambda e: e["time"])
+            how = f"stable (span <= {args.spread}), best S"
+    else:
+        steadiest = min(candidates, key=lambda e: e["span"])
+        if steadiest["span"] <= 0.75 * base["span"] and steadiest["S"] >= base["S"]:
+            chosen = steadiest
+            how = f"no candidate is stable (span <= {args.spread}): the steadiest, item 5 unmet"
+    log("")
+    log(f"{'config (three-seed means)':64s} " + " ".join(f"{ct:>7s}" for ct in cell_types)
+        + "       S   span  pixAUROC  AUPRO  fit time")
+    for e in sorted(summary, key=lambda e: -e["S"]):
+        mark = (" <- chosen" if e is chosen else " (baseline: the default when the rule was written)" if e is base
+                else " (over budget)" if e not in candidates else "")
+        log(f"{e['config'].label():64s} " + " ".join(f"{e['val'][ct]:7.4f}" for ct in cell_types)
+            + f"  {e['S']:.4f} {e['span']:.4f}  {e['pixel_auroc']:8.4f}  {e['aupro']:.4f}"
+            + f"  {e['time']:7.2f}x{mark}")
+    log(f"chosen ({how}): {chosen['config'].label()}" if chosen is not None else
+        f"no choice: no candidate within {args.time_budget}x the default's fit time is stable "
+        f"(span <= {args.spread}) and as good, nor steadier by a quarter and as good; "
+        f"{default.recipe!r} stays")
+    incomplete = [cfg.label() for cfg in table if cfg not in complete]
+    if incomplete:
+        log(f"not in the rule (training seeds {seeds} on {cell_types} not all run): "
+            + "; ".join(incomplete))
+
+    def plain(e):
+        return {**asdict(e["config"]), **{k: v for k, v in e.items() if k != "config"}}
+    return {"mode": "select", "rows": rows, "rule": "bench/results/elpv_recipe_rule2.md",
+            "chosen": None if chosen is None else asdict(chosen["config"]),
+            "summary": [plain(e) for e in summary]}
+
+
 def run_merge(args, cell_types, log) -> dict:
     """Selection over the rows of several `--select --out` files (staged searches)."""
     rows = []
@@ -528,7 +620,8 @@ def run_merge(args, cell_types, log) -> dict:
         with open(path) as fh:
             rows += json.load(fh)["rows"]
     log(f"merged {len(rows)} validation rows from {len(args.merge)} files")
-    return summarise_selection(rows, cell_types, args, log)
+    summarise = summarise_three_seed_rule if args.rule == "three-seed" else summarise_selection
+    return summarise(rows, cell_types, args, log)
 
 
 def nearest_neighbour_scores(memory: torch.Tensor, queries: torch.Tensor,
@@ -750,6 +843,13 @@ def main(argv=None) -> int:
     p.add_argument("--tie", type=float, default=0.005)
     p.add_argument("--budget", type=float, default=60,
                    help="largest training cost in paper epochs (Config.training_cost)")
+    p.add_argument("--rule", choices=["first", "three-seed"], default="first",
+                   help="--merge: the rule of bench/results/elpv_recipe_rule.md (first) or "
+                        "elpv_recipe_rule2.md (three-seed)")
+    p.add_argument("--time-budget", type=float, default=3.0,
+                   help="three-seed rule: most fit time, as a multiple of the rule's baseline's")
+    p.add_argument("--step-times", metavar="JSON",
+                   help="three-seed rule: recipe step times (bench/bench_recipe_step.py --out)")
     p.add_argument("--spread", type=float, default=0.01,
                    help="largest validation AUROC range over the stability seeds")
     p.add_argument("--merge", nargs="+", metavar="JSON",

@@ -16,8 +16,9 @@ validation normals, the model trains on the other 70%. Four validation sets:
   label 0) and a copy of each pair with one synthetic defect anywhere on it (label 1, masked).
 Candidates: resize_mode in {crop, whole, pad} x image_size in {224, 288} (288 is the largest
 size whose batch-1 CPU speed was measured above 100 img/s), everything else Lite0's declared
-defaults (384/384/256, noise 2.0, 20 epochs, recipe "paper"; issue #13's recipe search is not
-finished, so this choice is made with today's recipe), training seed 0.
+defaults (384/384/256, 20 epochs, the declared recipe and noise; the logged run of 2026-12-03 had
+noise 2.0 and recipe "paper", the default before issue #13's second rule chose "relative"),
+training seed 0.
 Scores: `model.score(..., map_size="input")`, maps at each image's own pixels. Per set: image
 AUROC (`val_auroc`), and pixel AUROC and AUPRO (FPR <= 0.3) of the masked defects against the
 normals' maps.

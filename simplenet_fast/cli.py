@@ -200,8 +200,8 @@ def _training_options() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=_nonnegative_int, default=0,
                    help="seed of the head's init, shuffling, noise and hold-out split (default: 0)")
     g.add_argument("--recipe", default=None,
-                   help="how the head is trained: 'paper' (SPEC 2) or a recipe's text form, e.g. "
-                        "'noise=relative,lr_scale=3,lr_milestones=0.8+0.9' (see "
+                   help="how the head is trained: 'paper' (SPEC 2), 'relative' or a recipe's "
+                        "text form, e.g. 'noise=diagonal,members=4' (see "
                         f"simplenet_fast.recipes; {_per_backbone('recipe')}); saved with the model")
     return p
 

@@ -720,6 +720,7 @@ class SimpleNet(nn.Module):
                         f"{self.noise_std:g}); the model is left as it was before fit")
                 trainer.end_epoch()
                 bar.set_postfix(loss=f"{history[-1]:.4f}")
+            trainer.finish()
         except BaseException:
             self.head.load_state_dict(before[0])
             self.image_threshold, self.pixel_threshold, self.threshold_info = before[1:]

@@ -183,9 +183,13 @@ def test_train_saves_a_model_with_thresholds_from_held_out_images(trained, capsy
 
 def test_train_takes_a_recipe_and_saves_it(data, tmp_path):
     out = tmp_path / "m.pt"
-    recipe = "noise=relative,lr_scale=3,lr_milestones=0.8+0.9"
+    recipe = "noise=diagonal,lr_scale=3,members=2"
     assert main(["train", str(data / "good"), "--out", str(out), "--recipe", recipe] + TRAIN) == 0
     assert SimpleNet.load(out).recipe == recipe
+    # a registered recipe's text form is stored under its name
+    registered = "noise=relative,lr_scale=3,lr_milestones=0.8+0.9"
+    assert main(["train", str(data / "good"), "--out", str(out), "--recipe", registered] + TRAIN) == 0
+    assert SimpleNet.load(out).recipe == "relative"
 
 
 def test_a_bad_recipe_is_one_line_and_writes_nothing(data, tmp_path, capsys):

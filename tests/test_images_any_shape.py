@@ -322,7 +322,8 @@ def test_defaults_come_from_the_backbone():
     lite = SimpleNet("efficientnet_lite0", weights=None)
     assert lite.config == {**lite.config, "image_size": (224, 224), "resize_mode": "whole",
                            "resize": None, "pretrain_embed_dim": 384, "target_embed_dim": 384,
-                           "hidden": 256, "noise_std": 2.0, "epochs": 20, "tiling": None}
+                           "hidden": 256, "noise_std": 0.25, "epochs": 20, "tiling": None,
+                           "recipe": "relative"}
     assert default_config("efficientnet_lite0").epochs == 20
     paper = default_config("wide_resnet50_2")
     assert paper is PAPER_DEFAULTS and (paper.image_size, paper.resize_mode) == ((288, 288), "crop")

@@ -27,10 +27,12 @@ def trainer_for(recipe: TrainingRecipe, head, noise_std=0.5, margin=0.5, epochs=
 def test_spec_round_trips_and_paper_is_the_default():
     assert RECIPES["paper"] == TrainingRecipe() and TrainingRecipe().spec() == ""
     recipe = TrainingRecipe(noise="diagonal", levels=(0.5, 1, 2), loss="softplus", lr_scale=3,
-                            lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity")
+                            lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity",
+                            average=0.25, members=2)
     assert TrainingRecipe.parse(recipe.spec()) == recipe
     assert recipe.spec() == ("noise=diagonal,levels=0.5+1+2,loss=softplus,lr_scale=3,"
-                             "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity")
+                             "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity,"
+                             "average=0.25,members=2")
     assert resolve_recipe("paper") == ("paper", RECIPES["paper"])
     assert resolve_recipe(TrainingRecipe()) == ("paper", RECIPES["paper"])  # registered: its name
     assert resolve_recipe("levels=1+2") == ("levels=1+2", TrainingRecipe(levels=(1, 2)))
@@ -42,6 +44,8 @@ def test_spec_round_trips_and_paper_is_the_default():
     ("loss=l2", "loss must be"), ("lr_milestones=0.9+0.8", "increasing"),
     ("lr_milestones=1.5", "lr_milestones"), ("lr_gamma=0", "lr_gamma"), ("lr_scale=0", "lr_scale"),
     ("adaptor_init=zeros", "adaptor_init"), ("levels=a", "takes numbers"), ("depth=3", "key=value"),
+    ("average=-0.1", "average"), ("average=1.5", "average"), ("average=nan", "average"),
+    ("members=0", "members"), ("members=9", "members"), ("members=1.5", "takes numbers"),
 ])
 def test_bad_recipes_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -133,12 +137,82 @@ def test_identity_adaptor_init():
     torch.testing.assert_close(head.adaptor(emb), emb, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("average, epochs, averaged_epochs", [(0.5, 4, 2), (1, 3, 3), (0.01, 3, 1)])
+def test_average_is_the_mean_of_the_weights_after_every_step_of_the_last_epochs(
+        average, epochs, averaged_epochs):
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(TrainingRecipe(average=average), head, epochs=epochs)
+    after_steps = []  # [epoch][step] -> state
+    for _ in range(epochs):
+        after_steps.append([])
+        for batch in emb.split(16):
+            trainer.step(batch)
+            after_steps[-1].append({k: v.clone() for k, v in head.state_dict().items()})
+        trainer.end_epoch()
+    last = {k: v.clone() for k, v in head.state_dict().items()}
+    trainer.finish()
+    kept = [s for epoch in after_steps[epochs - averaged_epochs:] for s in epoch]
+    assert len(kept) == 4 * averaged_epochs
+    for k, v in head.state_dict().items():
+        if v.is_floating_point():  # weights and BatchNorm statistics alike
+            torch.testing.assert_close(v, torch.stack([s[k] for s in kept]).mean(0), msg=k)
+            assert not torch.equal(v, last[k]), k  # four or more steps differ from the last
+        else:  # the step counter is the last step's
+            assert torch.equal(v, last[k]), k
+
+
+def test_no_average_keeps_the_last_steps_weights():
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(TrainingRecipe(), head, epochs=2)
+    for _ in range(2):
+        trainer.step(emb)
+        trainer.end_epoch()
+    last = {k: v.clone() for k, v in head.state_dict().items()}
+    trainer.finish()
+    for k, v in head.state_dict().items():
+        assert torch.equal(v, last[k]), k
+
+
+@pytest.mark.parametrize("recipe", ["members=4", "members=2,average=0.5,noise=diagonal"])
+def test_members_merge_into_one_head_whose_logit_is_their_mean(recipe):
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(resolve_recipe(recipe)[1], head, epochs=2)
+    assert len(trainer.members) == int(recipe[8]) and all(
+        m.hidden == HIDDEN // len(trainer.members) for m in trainer.members)
+    for _ in range(2):
+        for batch in emb.split(32):
+            trainer.step(batch)
+        trainer.end_epoch()
+    trainer.finish()
+    assert head.hidden == HIDDEN and head.discriminator.bn.num_batches_tracked == 4
+    for train in (False, True):  # BatchNorm's running and batch statistics alike
+        head.train(train), trainer.members.train(train)
+        with torch.no_grad():
+            members = torch.stack([m.discriminator(m.adaptor(emb)) for m in trainer.members])
+            torch.testing.assert_close(head.discriminator(head.adaptor(emb)), members.mean(0))
+    # the members are not copies of one another: each has its own init and noise
+    first, second = (m.discriminator.linear.weight for m in trainer.members[:2])
+    assert not torch.allclose(first, second)
+
+
+def test_members_must_divide_the_hidden_width():
+    head, _ = head_and_embeddings()
+    with pytest.raises(ValueError, match="members=3 must divide .* 16"):
+        trainer_for(TrainingRecipe(members=3), head)
+
+
+def test_the_paper_recipe_trains_the_head_itself():
+    head, emb = head_and_embeddings()
+    trainer = trainer_for(TrainingRecipe(), head)
+    assert list(trainer.members) == [head]
+
+
 # ------------------------------------------------------------------------------- through fit
 @pytest.fixture(scope="module")
 def lite() -> SimpleNet:
     torch.manual_seed(0)
     return SimpleNet("efficientnet_lite0", weights=None, image_size=32, resize=32,
-                     pretrain_embed_dim=T, target_embed_dim=T, hidden=HIDDEN)
+                     pretrain_embed_dim=T, target_embed_dim=T, hidden=HIDDEN, recipe="paper")
 
 
 def stripes(n: int) -> torch.Tensor:
@@ -150,7 +224,7 @@ def stripes(n: int) -> torch.Tensor:
 
 
 def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
-    lite.recipe = "noise=diagonal,levels=1+2,lr_milestones=0.5"
+    lite.recipe = "noise=diagonal,levels=1+2,lr_milestones=0.5,members=2"
     try:
         images = stripes(6)
         h1 = lite.fit(images, epochs=3, batch_size=3, seed=4, progress=False)
@@ -160,11 +234,32 @@ def test_fit_under_a_recipe_is_reproducible_and_saved(lite, tmp_path):
             assert torch.equal(v, state[k]), k
         lite.save(tmp_path / "m.pt")
         loaded = SimpleNet.load(tmp_path / "m.pt")
-        assert loaded.recipe == "noise=diagonal,levels=1+2,lr_milestones=0.5"
+        assert loaded.recipe == "noise=diagonal,levels=1+2,lr_milestones=0.5,members=2"
         assert loaded.config == lite.config
     finally:
         lite.recipe = "paper"
 
+
+
+def test_fit_keeps_the_averaged_weights(lite, monkeypatch):
+    states = []
+    step = SimpleNet._train_step
+
+    def recorded(self, *args):
+        loss = step(self, *args)
+        states.append({k: v.clone() for k, v in self.head.state_dict().items()})
+        return loss
+    monkeypatch.setattr(SimpleNet, "_train_step", recorded)
+    lite.recipe = "average=0.5"
+    try:
+        lite.fit(stripes(6), epochs=2, batch_size=3, seed=4, progress=False)  # 2 steps an epoch
+    finally:
+        lite.recipe = "paper"
+    assert len(states) == 4
+    for k, v in lite.head.state_dict().items():
+        expected = torch.stack([s[k] for s in states[2:]]).float().mean(0) if v.is_floating_point() \
+            else states[-1][k]
+        torch.testing.assert_close(v, expected, msg=k)
 
 
 def test_the_recipe_defaults_to_the_backbones_and_is_checked_when_set(lite):
@@ -172,6 +267,10 @@ def test_the_recipe_defaults_to_the_backbones_and_is_checked_when_set(lite):
     from simplenet_fast.backbones._base import BackboneDefaults
 
     assert default_config("wide_resnet50_2").recipe == "paper"
+    lite0 = default_config("efficientnet_lite0")  # chosen on ELPV validation data (rule 2)
+    assert (lite0.recipe, lite0.noise_std) == ("relative", 0.25)
+    assert SimpleNet("efficientnet_lite0", weights=None).recipe == "relative"
+    assert RECIPES["relative"] == TrainingRecipe.parse("noise=relative,lr_scale=3,lr_milestones=0.8+0.9")
     declared = default_config("efficientnet_lite0").overridden({"recipe": "noise=relative"})
     assert declared.recipe == "noise=relative"
     with pytest.raises(ValueError, match="noise must be one of"):

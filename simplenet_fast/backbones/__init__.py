@@ -8,9 +8,10 @@ Each backbone declares the SimpleNet configuration it recommends (`BackboneDefau
 definition); `default_config(backbone)` returns it, and `SimpleNet`, `fit`, the CLI and the
 benchmarks all read it from there:
 
-  name                  image size  resize mode  embed dims  hidden  noise  epochs
-  "wide_resnet50_2"     288         crop (329)   1536/1536   1024    0.015  160   (the paper's)
-  "efficientnet_lite0"  224         whole        384/384     256     2.0    20    (ELPV validation)
+  name                  image size  resize mode  embed dims  hidden  noise  epochs  recipe
+  "wide_resnet50_2"     288         crop (329)   1536/1536   1024    0.015  160     paper (the paper's)
+  "efficientnet_lite0"  224         whole        384/384     256     0.25   20      relative (ELPV
+                                                                                    validation)
 
   name                  channels     mean / std (images in [0, 1])        weights="imagenet"
   "wide_resnet50_2"     (512, 1024)  ImageNet (0.485, 0.456, 0.406) /     torchvision's published
