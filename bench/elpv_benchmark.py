@@ -442,6 +442,11 @@ def config_of(row: dict) -> Config:
                      for k, kind in kinds.items() if k in row})
 
 
+def plain_summary(entry: dict) -> dict:
+    """A summary entry as JSON-ready fields: its Config's fields beside its numbers."""
+    return {**asdict(entry["config"]), **{k: v for k, v in entry.items() if k != "config"}}
+
+
 def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> dict:
     """The fixed rule of bench/results/elpv_recipe_rule.md over validation rows.
 
@@ -516,14 +521,11 @@ def summarise_selection(rows: list[dict], cell_types: list[str], args, log) -> d
             f"{pending['config'].label()}")
     else:
         log(f"no choice: every candidate's training seeds span more than {args.spread}")
-
-    def plain(e):
-        return {**asdict(e["config"]), **{k: v for k, v in e.items() if k != "config"}}
     return {"mode": "select", "rows": rows, "rule": "bench/results/elpv_recipe_rule.md",
             "chosen": None if chosen is None else asdict(chosen["config"]),
             "pending_stability": None if pending is None else asdict(pending["config"]),
             "order": [e["config"].label() for e in order],
-            "summary": [plain(e) for e in summary]}
+            "summary": [plain_summary(e) for e in summary]}
 
 
 # Lite0's default when bench/results/elpv_recipe_rule2.md was written: what a new one must beat.
@@ -605,12 +607,9 @@ def summarise_three_seed_rule(rows: list[dict], cell_types: list[str], args, log
     if incomplete:
         log(f"not in the rule (training seeds {seeds} on {cell_types} not all run): "
             + "; ".join(incomplete))
-
-    def plain(e):
-        return {**asdict(e["config"]), **{k: v for k, v in e.items() if k != "config"}}
     return {"mode": "select", "rows": rows, "rule": "bench/results/elpv_recipe_rule2.md",
             "chosen": None if chosen is None else asdict(chosen["config"]),
-            "summary": [plain(e) for e in summary]}
+            "summary": [plain_summary(e) for e in summary]}
 
 
 def run_merge(args, cell_types, log) -> dict:

@@ -51,7 +51,8 @@ Fields:
   last f of the epochs (stochastic weight averaging, Izmailov et al. 2018). The last step's
   weights are one point of a noisy walk: on ELPV validation data, the paper recipe's image AUROC
   moves by 0.01-0.02 from one epoch to the next, more than the recipes being compared differ.
-  The mean is still one head of the same shape, so inference is unchanged.
+  The mean is still one head of the same shape, so inference is unchanged. (On ELPV it did not
+  narrow the spread between training seeds: bench/RESULTS.md, "Training recipes".)
 - ``members``: 1 (SPEC 2) trains the head itself; K > 1 trains K independent heads, each with
   its own adaptor, its own init and noise draws and a discriminator of hidden / K units, and
   makes the trained head their exact mean: an identity adaptor, the K first layers each composed
@@ -232,8 +233,11 @@ class RecipeTrainer:
         # averaging is asked for at all.
         self.average_from = (epochs - max(1, round(recipe.average * epochs))
                              if recipe.average else None)
-        self.averaged: dict[str, Tensor] | None = None
+        self.averaged: dict[str, Tensor] | None = None  # running means, by state_dict key
         self.averaged_steps = 0
+        # The live weights and BatchNorm statistics (state_dict's tensors share their storage,
+        # and the optimisers and BatchNorm update them in place).
+        self.live = {k: v for k, v in self.members.state_dict().items() if v.is_floating_point()}
 
     def end_epoch(self) -> None:
         self.epoch += 1
@@ -299,13 +303,11 @@ class RecipeTrainer:
         (the step counter `num_batches_tracked` is kept as the last step leaves it)."""
         self.averaged_steps += 1
         with torch.no_grad():
-            state = self.members.state_dict()
             if self.averaged is None:
-                self.averaged = {k: v.detach().clone() for k, v in state.items()
-                                 if v.is_floating_point()}
+                self.averaged = {k: v.clone() for k, v in self.live.items()}
             else:
                 for k, mean in self.averaged.items():
-                    mean.add_(state[k] - mean, alpha=1 / self.averaged_steps)
+                    mean.lerp_(self.live[k], 1 / self.averaged_steps)
 
     def finish(self) -> None:
         """Gives the head its trained weights: the averaged ones (``average``), the members'
