@@ -61,6 +61,12 @@ Fields:
   fused scoring costs what it did (SPEC 4 folds the identity adaptor away), while its score is
   the mean of K heads' (an ensemble: seeds disagree less). Training costs about K adaptor
   passes per step.
+- ``member_adaptor``: with ``members`` > 1, ``"own"`` gives each member its own adaptor (as
+  above); ``"shared"`` trains one adaptor, the head's, under the K discriminators (each still
+  with its own init, noise draws and loss): one adaptor pass per step instead of K (on Lite0's
+  head, K=4: 2.2x the paper recipe's step time instead of 2.9x; the K noise draws and fake
+  copies remain). The merged head keeps the shared adaptor and stacks the K first layers as
+  they are. (On ELPV its training seeds disagreed more than under one head: bench/RESULTS.md.)
 """
 from __future__ import annotations
 
@@ -76,6 +82,7 @@ from .head import SimpleNetHead
 NOISE_KINDS = ("absolute", "relative", "diagonal", "covariance")
 LOSSES = ("truncated_l1", "hard_l1", "softplus")
 ADAPTOR_INITS = ("xavier", "identity")
+MEMBER_ADAPTORS = ("own", "shared")
 
 # SPEC 2: the official optimisers and learning rates.
 ADAPTOR_LR, ADAPTOR_WEIGHT_DECAY = 1e-4, 0.01        # AdamW
@@ -98,12 +105,14 @@ class TrainingRecipe:
     adaptor_init: str = "xavier"
     average: float = 0.0
     members: int = 1
+    member_adaptor: str = "own"
 
     def __post_init__(self):
         object.__setattr__(self, "levels", tuple(float(v) for v in self.levels))
         object.__setattr__(self, "lr_milestones", tuple(float(v) for v in self.lr_milestones))
         for name, value, known in (("noise", self.noise, NOISE_KINDS), ("loss", self.loss, LOSSES),
-                                   ("adaptor_init", self.adaptor_init, ADAPTOR_INITS)):
+                                   ("adaptor_init", self.adaptor_init, ADAPTOR_INITS),
+                                   ("member_adaptor", self.member_adaptor, MEMBER_ADAPTORS)):
             if value not in known:
                 raise ValueError(f"recipe {name} must be one of {list(known)}, got {value!r}")
         if not 1 <= len(self.levels) <= MAX_LEVELS or not all(
@@ -125,6 +134,9 @@ class TrainingRecipe:
                 1 <= self.members <= MAX_MEMBERS):
             raise ValueError(f"recipe members must be an int in 1..{MAX_MEMBERS}, got "
                              f"{self.members!r}")
+        if self.member_adaptor == "shared" and self.members == 1:
+            raise ValueError("recipe member_adaptor=shared needs members > 1 (one head has one "
+                             "adaptor already)")
 
     @property
     def fake_copies(self) -> int:
@@ -215,13 +227,18 @@ class RecipeTrainer:
         # The heads that learn: the head itself, or its members (module doc, ``members``).
         self.members = nn.ModuleList([head] if recipe.members == 1 else
                                      _new_members(head, recipe.members, noise_generator))
+        if recipe.member_adaptor == "shared":
+            for member in self.members:
+                member.adaptor = head.adaptor
+        # Each adaptor once, however many members share it.
+        adaptors = list({id(m.adaptor): m.adaptor for m in self.members}.values())
         if recipe.adaptor_init == "identity":
             with torch.no_grad():
-                for member in self.members:
-                    member.adaptor.weight.copy_(torch.eye(head.target_embed_dim))
-                    member.adaptor.bias.zero_()
+                for adaptor in adaptors:
+                    adaptor.weight.copy_(torch.eye(head.target_embed_dim))
+                    adaptor.bias.zero_()
         self.adaptor_opt = torch.optim.AdamW(
-            [p for m in self.members for p in m.adaptor.parameters()],
+            [p for a in adaptors for p in a.parameters()],
             lr=ADAPTOR_LR * recipe.lr_scale, weight_decay=ADAPTOR_WEIGHT_DECAY)
         self.disc_opt = torch.optim.Adam(
             [p for m in self.members for p in m.discriminator.parameters()],
@@ -235,9 +252,11 @@ class RecipeTrainer:
                              if recipe.average else None)
         self.averaged: dict[str, Tensor] | None = None  # running means, by state_dict key
         self.averaged_steps = 0
-        # The live weights and BatchNorm statistics (state_dict's tensors share their storage,
-        # and the optimisers and BatchNorm update them in place).
-        self.live = {k: v for k, v in self.members.state_dict().items() if v.is_floating_point()}
+        # The live weights and BatchNorm statistics (the optimisers and BatchNorm update them in
+        # place), each once: a shared adaptor under its first member's name.
+        self.live = {k: v.detach() for k, v in (*self.members.named_parameters(),
+                                               *self.members.named_buffers())
+                     if v.is_floating_point()}
 
     def end_epoch(self) -> None:
         self.epoch += 1
@@ -267,14 +286,14 @@ class RecipeTrainer:
         noise = torch.randn(true_feats.shape, generator=generator, device=device)
         return noise * self.noise_scale(true_feats)
 
-    def member_loss(self, member, embeddings: Tensor) -> Tensor:
-        """The loss of one head (the head itself, or one member) on every patch of a batch."""
+    def discriminator_loss(self, discriminator, true_feats: Tensor) -> Tensor:
+        """The loss of one discriminator (the head's, or one member's) on the adapted features
+        of every patch of a batch, with fakes drawn for it."""
         recipe = self.recipe
-        true_feats = member.adaptor(embeddings.reshape(-1, member.target_embed_dim))
         # level 1.0 adds the noise unscaled: exactly SPEC 2's numbers under "paper"
         fakes = [true_feats + self.unit_noise(true_feats) * level for level in recipe.levels]
         # BatchNorm in training mode sees the true features and every fake copy together (SPEC 2).
-        logits = member.discriminator(torch.cat([true_feats, *fakes]))
+        logits = discriminator(torch.cat([true_feats, *fakes]))
         true_logits, fake_logits = logits[:len(true_feats)], logits[len(true_feats):]
         # Scores are minus the logits: true patches are pushed up, fakes down. With several copies
         # the fake term is the mean over all of them (each copy has as many patches as the batch).
@@ -287,8 +306,15 @@ class RecipeTrainer:
 
     def step(self, embeddings: Tensor) -> Tensor:
         """One optimiser step on every patch of a batch; returns the mean loss of the heads that
-        learn. Members share no weight, so the gradient of their summed losses is each one's own."""
-        loss = sum(self.member_loss(member, embeddings) for member in self.members)
+        learn. Members share no discriminator weight, so the gradient of their summed losses is
+        each one's own; a shared adaptor gets the sum of theirs."""
+        flat = embeddings.reshape(-1, self.head.target_embed_dim)
+        adapted = {}  # one pass per adaptor, however many members share it
+        loss = 0
+        for member in self.members:
+            if id(member.adaptor) not in adapted:
+                adapted[id(member.adaptor)] = member.adaptor(flat)
+            loss = loss + self.discriminator_loss(member.discriminator, adapted[id(member.adaptor)])
         self.adaptor_opt.zero_grad(set_to_none=True)
         self.disc_opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -337,13 +363,16 @@ def _merge_members(head, members: list) -> None:
     x, head's logit is the mean of the members' logits, in training and in eval mode."""
     with torch.no_grad():
         linears = [m.discriminator.linear for m in members]
-        adaptors = [m.adaptor for m in members]
         disc = head.discriminator
-        head.adaptor.weight.copy_(torch.eye(head.target_embed_dim))
-        head.adaptor.bias.zero_()
-        pairs = list(zip(linears, adaptors))
-        disc.linear.weight.copy_(torch.cat([lin.weight @ a.weight for lin, a in pairs]))
-        disc.linear.bias.copy_(torch.cat([lin.weight @ a.bias + lin.bias for lin, a in pairs]))
+        if all(m.adaptor is head.adaptor for m in members):  # ``member_adaptor="shared"``
+            disc.linear.weight.copy_(torch.cat([lin.weight for lin in linears]))
+            disc.linear.bias.copy_(torch.cat([lin.bias for lin in linears]))
+        else:
+            pairs = list(zip(linears, (m.adaptor for m in members)))
+            head.adaptor.weight.copy_(torch.eye(head.target_embed_dim))
+            head.adaptor.bias.zero_()
+            disc.linear.weight.copy_(torch.cat([lin.weight @ a.weight for lin, a in pairs]))
+            disc.linear.bias.copy_(torch.cat([lin.weight @ a.bias + lin.bias for lin, a in pairs]))
         for name in ("weight", "bias", "running_mean", "running_var"):
             getattr(disc.bn, name).copy_(
                 torch.cat([getattr(m.discriminator.bn, name) for m in members]))

@@ -28,11 +28,11 @@ def test_spec_round_trips_and_paper_is_the_default():
     assert RECIPES["paper"] == TrainingRecipe() and TrainingRecipe().spec() == ""
     recipe = TrainingRecipe(noise="diagonal", levels=(0.5, 1, 2), loss="softplus", lr_scale=3,
                             lr_milestones=(0.8, 0.9), lr_gamma=0.5, adaptor_init="identity",
-                            average=0.25, members=2)
+                            average=0.25, members=2, member_adaptor="shared")
     assert TrainingRecipe.parse(recipe.spec()) == recipe
     assert recipe.spec() == ("noise=diagonal,levels=0.5+1+2,loss=softplus,lr_scale=3,"
                              "lr_milestones=0.8+0.9,lr_gamma=0.5,adaptor_init=identity,"
-                             "average=0.25,members=2")
+                             "average=0.25,members=2,member_adaptor=shared")
     assert resolve_recipe("paper") == ("paper", RECIPES["paper"])
     assert resolve_recipe(TrainingRecipe()) == ("paper", RECIPES["paper"])  # registered: its name
     assert resolve_recipe("levels=1+2") == ("levels=1+2", TrainingRecipe(levels=(1, 2)))
@@ -46,6 +46,8 @@ def test_spec_round_trips_and_paper_is_the_default():
     ("adaptor_init=zeros", "adaptor_init"), ("levels=a", "takes numbers"), ("depth=3", "key=value"),
     ("average=-0.1", "average"), ("average=1.5", "average"), ("average=nan", "average"),
     ("members=0", "members"), ("members=9", "members"), ("members=1.5", "takes numbers"),
+    ("members=2,member_adaptor=mine", "member_adaptor must be"),
+    ("member_adaptor=shared", "needs members > 1"),
 ])
 def test_bad_recipes_raise_clear_errors(bad, match):
     with pytest.raises(ValueError, match=match):
@@ -173,7 +175,9 @@ def test_no_average_keeps_the_last_steps_weights():
         assert torch.equal(v, last[k]), k
 
 
-@pytest.mark.parametrize("recipe", ["members=4", "members=2,average=0.5,noise=diagonal"])
+@pytest.mark.parametrize("recipe", ["members=4", "members=2,average=0.5,noise=diagonal",
+                                    "members=4,member_adaptor=shared",
+                                    "members=2,member_adaptor=shared,average=0.5"])
 def test_members_merge_into_one_head_whose_logit_is_their_mean(recipe):
     head, emb = head_and_embeddings()
     trainer = trainer_for(resolve_recipe(recipe)[1], head, epochs=2)
@@ -193,6 +197,23 @@ def test_members_merge_into_one_head_whose_logit_is_their_mean(recipe):
     # the members are not copies of one another: each has its own init and noise
     first, second = (m.discriminator.linear.weight for m in trainer.members[:2])
     assert not torch.allclose(first, second)
+
+
+def test_shared_adaptor_members_run_one_adaptor_pass_and_train_the_heads_adaptor():
+    head, emb = head_and_embeddings()
+    start = head.adaptor.weight.detach().clone()
+    trainer = trainer_for(resolve_recipe("members=4,member_adaptor=shared")[1], head, epochs=1)
+    assert all(m.adaptor is head.adaptor for m in trainer.members)
+    assert [p for group in trainer.adaptor_opt.param_groups for p in group["params"]] == list(
+        head.adaptor.parameters())
+    passes = []
+    head.adaptor.register_forward_hook(lambda *_: passes.append(1))
+    trainer.step(emb)
+    assert len(passes) == 1
+    trainer.end_epoch()
+    trainer.finish()
+    assert not torch.allclose(head.adaptor.weight, start)  # learnt, and kept by the merge
+    assert not torch.allclose(head.adaptor.weight, torch.eye(T))
 
 
 def test_members_must_divide_the_hidden_width():
