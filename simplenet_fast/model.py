@@ -408,8 +408,10 @@ class SimpleNet(nn.Module):
                              pred_label=label, pred_mask=mask,
                              threshold_source=threshold_source(self), scored_mask=scored)
 
-    def prepare(self, image: Any, what: str = "image", keep_image: bool = False) -> PreparedImage:
-        """Decode one image and make it ready for this model (`preprocess.prepare_image`).
+    def prepare(self, image: Any, what: str | None = None, keep_image: bool = False
+                ) -> PreparedImage:
+        """Decode one image and make it ready for this model (`preprocess.prepare_image`; `what`
+        names it in errors, by default its path for a file).
 
         `score` accepts the result like any image; preparing in worker threads overlaps decoding
         with scoring. keep_image: keep the decoded original (`PreparedImage.image()`, e.g. to

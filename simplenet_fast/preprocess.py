@@ -337,10 +337,13 @@ class PreparedImage:
         return decoded_rgb(self.decoded)
 
 
-def prepare_image(source: ImageSource, geometry: InputGeometry, what: str = "image",
+def prepare_image(source: ImageSource, geometry: InputGeometry, what: Optional[str] = None,
                   keep_image: bool = False) -> PreparedImage:
     """Decode one image and make it ready for `geometry` (see `PreparedImage`). Thread-safe: a
-    pool of workers may prepare images while the model scores others."""
+    pool of workers may prepare images while the model scores others. `what` names the image in
+    errors; None: its path, for a file (every error then names the file), else "image"."""
+    if what is None:
+        what = str(source) if isinstance(source, (str, os.PathLike)) else "image"
     if isinstance(source, PreparedImage):
         if source.geometry != geometry:
             raise ValueError(f"{source.what} was prepared for {source.geometry}, not for this "
@@ -359,8 +362,9 @@ def prepare_image(source: ImageSource, geometry: InputGeometry, what: str = "ima
 
 
 def preprocess_image(source: ImageSource, image_size: Any = 288, resize: Optional[int] = None,
-                     what: str = "image", resize_mode: str = "crop") -> Tensor:
-    """One image -> uint8 model input `[H, W, 3]` (module doc). `what` names it in errors.
+                     what: Optional[str] = None, resize_mode: str = "crop") -> Tensor:
+    """One image -> uint8 model input `[H, W, 3]` (module doc). `what` names it in errors (None:
+    as `prepare_image`).
 
     image_size: an int or (height, width); resize: crop mode's short side before the crop (None:
     the paper's 329 / 288 ratio, 329 at 288); resize_mode: "crop", "whole" or "pad"

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
+from simplenet_fast.geometry import InputGeometry
 from simplenet_fast.preprocess import (crop_offset, image_files, iter_batches, iter_sources,
-                                       normalise, preprocess_image, resized_size)
+                                       normalise, prepare_image, preprocess_image, resized_size)
 
 SIZE, RESIZE = 64, 72
 
@@ -252,6 +253,20 @@ def test_decompression_bomb_is_a_value_error(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="decompression bomb") as info:
         crop(path)
     assert "bomb.png" in str(info.value) and "MAX_IMAGE_PIXELS" in str(info.value)
+
+
+def test_an_extreme_aspect_ratio_file_is_refused_with_its_path(tmp_path):
+    # Decodes fine (a 1 x 100000 strip), but resizing its short side would ask for gigabytes:
+    # refused before the resize, and the error names the file whichever entry point reads it.
+    path = tmp_path / "strip.png"
+    Image.fromarray(np.zeros((1, 100_000, 3), np.uint8)).save(path)
+    for read in (crop, lambda p: prepare_image(p, InputGeometry(SIZE, "crop", RESIZE)).input):
+        with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS") as info:
+            read(path)
+        assert str(path) in str(info.value)
+    with pytest.raises(ValueError, match="MAX_IMAGE_PIXELS") as info:
+        crop(np.zeros((1, 100_000, 3), np.uint8))
+    assert str(info.value).startswith("image: ")
 
 
 # ------------------------------------------------------------------------------- folders, batching
