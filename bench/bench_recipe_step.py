@@ -3,8 +3,8 @@
 `fit`'s time is its training steps (the backbone runs once per image, whatever the recipe), so
 this times `RecipeTrainer.step` on one batch of Lite0 embeddings (8 images x 28 x 28 patches,
 T384, H256 by default), the recipes interleaved round by round so that every one sees the same
-load, and reports each recipe's median step time over the paper's. The fit-time budget of the
-recipe selection rule (bench/results/elpv_recipe_rule2.md) reads these ratios; the ELPV
+load, and reports each recipe's median step time over the paper's. The recipe selection rules
+(bench/results/elpv_recipe_rule2.md, rule3.md) take their fit-time budgets from these ratios; the ELPV
 selection logs' own fit times ran under different loads and are not comparable across stages.
 
     python bench/bench_recipe_step.py --recipes paper noise=relative,lr_scale=3 members=4

@@ -64,8 +64,8 @@ Fields:
 - ``member_adaptor``: with ``members`` > 1, ``"own"`` gives each member its own adaptor (as
   above); ``"shared"`` trains one adaptor, the head's, under the K discriminators (each still
   with its own init, noise draws and loss): one adaptor pass per step instead of K (on Lite0's
-  head, K=4: 2.2x the paper recipe's step time instead of 2.9x; the K noise draws and fake
-  copies remain). The merged head keeps the shared adaptor and stacks the K first layers as
+  head under recipe "relative", K=4: 2.2x the paper recipe's step time instead of 2.9x; the K
+  noise draws and fake copies remain). The merged head keeps the shared adaptor and stacks the K first layers as
   they are. (On ELPV its training seeds disagreed more than under one head: bench/RESULTS.md.)
 """
 from __future__ import annotations
