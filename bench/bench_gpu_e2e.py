@@ -16,6 +16,10 @@ Timed (median wall ms per call, each call ends with torch.cuda.synchronize()):
              largest batch.
   device     `model._device_forward` on a uint8 batch already on the GPU (no crop, pin or upload),
              fused, eager (check=False) and replayed from a CUDA graph: device compute alone.
+  host       the host side alone: the B images made into model inputs and stacked into pinned
+             memory, as `score` does before the upload. fused ~ host + device + the launches and
+             result assembly around them; a cProfile of the batch-1 target case follows the table.
+TF32 is off (float32 means float32, SPEC 6; PyTorch's default lets cuDNN convolutions use TF32).
 Peak GPU memory is torch.cuda.max_memory_allocated() over the timed calls (after a reset).
 
 Checked before timing, on the same 32 images: fused against reference pred_score (SPEC 6: relative
@@ -30,6 +34,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import io
+import pstats
 import json
 import statistics
 import sys
@@ -45,7 +52,8 @@ import simplenet_fast  # noqa: E402
 from e2e_common import (make_images, official_style, ranking_check, relative_error,  # noqa: E402
                         wide_resnet_model)
 from simplenet_fast import SimpleNet  # noqa: E402
-from simplenet_fast.preprocess import iter_batches  # noqa: E402
+from simplenet_fast.model import _stage_inputs  # noqa: E402
+from simplenet_fast.preprocess import iter_batches, iter_prepared  # noqa: E402
 
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2}
 TARGET_B32_IMG_S = 2000.0
@@ -146,6 +154,8 @@ def main() -> int:
     if on_cuda and not torch.cuda.is_available():
         print("no CUDA GPU: nothing to time")
         return 1
+    torch.backends.cuda.matmul.allow_tf32 = False  # float32 means float32 (SPEC 6)
+    torch.backends.cudnn.allow_tf32 = False
     if args.smoke:
         cfg = dict(image_size=64, resize=73, dims=(64, 64, 32), batches=[1, 4], official_batches=[1, 4],
                    precisions=["float32", "bfloat16"])
@@ -194,6 +204,10 @@ def main() -> int:
                         batch, 3 if slow else args.reps, 0 if slow else 1, args.max_case_s,
                         precision=precision, graph=graph))
                     model._graphs.clear()
+            print(f"case host {precision} B={batch} ...", flush=True)
+            rows.append(bench("host", lambda m=model, i=imgs: _stage_inputs(
+                [p.input for p in iter_prepared(i, m.geometry)], pinned=on_cuda),
+                batch, args.reps, 1, args.max_case_s, precision=precision, graph=False))
             # device path alone: uint8 batch already on the device
             dev_batch = next(iter_batches(imgs, batch, cfg["image_size"], cfg["resize"])).to(DEVICE)
 
@@ -223,6 +237,21 @@ def main() -> int:
                           3, 0, args.max_case_s, precision="float32", graph=False))
     if on_cuda:
         torch.cuda.empty_cache()
+
+    # ---------------------------------------------------------------- host profile
+    # Where the batch-1 target case spends its host time (calls that wait for the GPU included).
+    model, graph = models[cfg["precisions"][-1]], on_cuda
+    model.score(images[:1], batch_size=1, fused=True, cuda_graph=graph)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(50):
+        model.score(images[:1], batch_size=1, fused=True, cuda_graph=graph)
+    synchronize()
+    profiler.disable()
+    model._graphs.clear()
+    report = io.StringIO()
+    pstats.Stats(profiler, stream=report).sort_stats("tottime").print_stats(15)
+    results["host_profile_b1"] = report.getvalue()
 
     # ---------------------------------------------------------------- summary
     official = {r["batch"]: r["img_s"] for r in rows if r["pipeline"] == "official" and r.get("img_s")}
@@ -261,6 +290,8 @@ def main() -> int:
               f"{fmt(r.get('ms'), '9.3f')} {fmt(r.get('img_s'), '8.1f')} "
               f"{fmt(r.get('vs_official'), '10.1f') + 'x' if r.get('vs_official') else 'n/a':>11s} "
               f"{fmt(r.get('peak_mb'), '8.0f')}" + (f"  {r['error'][:60]}" if r.get("error") else ""))
+    print(f"\n--- cProfile, 50 calls of fused {cfg['precisions'][-1]} B=1 graph={on_cuda} (tottime):")
+    print("\n".join(line for line in results["host_profile_b1"].splitlines()[6:] if line.strip()))
     t = results["targets"]
     print(f"targets (fused bf16 graph, end to end): B=1 {fmt(t['b1_ms'], '.3f')} ms (<= {TARGET_B1_MS}: "
           f"{'MET' if t['b1_met'] else 'NOT MET'}); B={big} {fmt(b32, '.0f')} img/s (>= {TARGET_B32_IMG_S:.0f}: "

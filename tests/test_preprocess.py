@@ -153,6 +153,35 @@ def test_16bit_is_scaled_not_clipped(tmp_path):
     assert np.asarray(Image.fromarray(mid).convert("RGB")).max() == 255  # what we avoid
 
 
+@pytest.mark.parametrize("mode,size,shape", [("crop", 64, (72, 90)), ("crop", (40, 64), (40, 80)),
+                                              ("whole", 64, (64, 64)), ("pad", (48, 64), (48, 64))])
+def test_arrays_that_need_no_resampling_give_the_pil_bytes(mode, size, shape):
+    """Arrays and uint8 tensors that need no resampling are cut with numpy (a shortcut past PIL):
+    every kind of them gives the bytes of the same image handed over as a PIL image, and the
+    input is a copy that later edits of the array do not reach."""
+    geometry = InputGeometry(size, mode, RESIZE if mode == "crop" and size == 64 else None)
+    rgb = rgb_array(*shape, seed=3)
+    rgba = np.concatenate([rgb, rgb[:, :, :1]], axis=2)
+    grey16 = rgb[:, :, 1].astype(np.uint16) * 256 + rgb[:, :, 2]
+    kinds = {"rgb": (rgb, Image.fromarray(rgb)),
+             "rgb view": (rgb[:, ::-1][:, ::-1], Image.fromarray(rgb)),
+             "rgba": (rgba, Image.fromarray(rgba, "RGBA")),
+             "grey": (rgb[:, :, 0], Image.fromarray(rgb[:, :, 0])),
+             "grey HxWx1": (rgb[:, :, :1], Image.fromarray(rgb[:, :, 0])),
+             "grey16": (grey16, Image.fromarray(grey16)),
+             "uint8 CxHxW": (torch.from_numpy(rgb).permute(2, 0, 1), Image.fromarray(rgb)),
+             "uint8 1xHxW": (torch.from_numpy(rgb[:, :, 0])[None], Image.fromarray(rgb[:, :, 0]))}
+    for name, (source, image) in kinds.items():
+        prepared, expected = prepare_image(source, geometry), prepare_image(image, geometry)
+        assert prepared.placement == expected.placement, name
+        assert prepared.input.is_contiguous() and prepared.input.shape == expected.input.shape, name
+        torch.testing.assert_close(prepared.input, expected.input, rtol=0, atol=0, msg=name)
+    before = prepare_image(rgb, geometry).input.clone()
+    kept = prepare_image(rgb, geometry)
+    rgb[...] = 0
+    torch.testing.assert_close(kept.input, before, rtol=0, atol=0)
+
+
 def test_16bit_big_endian_pil_mode():
     v16 = (rgb_array()[:, :, 1].astype(np.uint16) * 257)
     image = Image.frombytes("I;16B", (v16.shape[1], v16.shape[0]), v16.astype(">u2").tobytes())
