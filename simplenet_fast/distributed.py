@@ -67,7 +67,6 @@ import uuid
 import warnings
 import zlib
 from array import array
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, TextIO, Union
@@ -808,16 +807,12 @@ def _decoded_batches(items: Iterator[dict], batch_size: int, model, workers: int
     """Batches of (item, `PreparedImage` or None, error or None); the next batch decodes in
     threads while the caller scores this one, so at most two batches of images are held.
     `keep_image` keeps each decoded original, for overlays on the whole image."""
-    from .preprocess import batched
+    from .preprocess import batched, prefetched
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        def submit(batch):
-            return [(it, pool.submit(_prepare_image, model, it["path"], keep_image)) for it in batch]
-        upcoming = batched(items, batch_size)
-        pending = submit(next(upcoming, []))
-        while pending:
-            current, pending = pending, submit(next(upcoming, []))
-            yield [(it, *future.result()) for it, future in current]
+    def decoded(item: dict) -> tuple[dict, Any, Optional[BaseException]]:
+        return (item, *_prepare_image(model, item["path"], keep_image))
+
+    return batched(prefetched(decoded, items, workers, ahead=batch_size), batch_size)
 
 
 def _reason(error: BaseException) -> str:

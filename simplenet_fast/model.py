@@ -30,9 +30,9 @@ from .geometry import (InputGeometry, Placement, Tiling, fill_unscored, mask_pad
                        mask_padding, real_pixel_mask, zero_padding)
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map, check_sigma
-from .preprocess import (PreparedImage, batched, count_images, decode, decoded_window,
-                         image_header_size, iter_prepared, iter_sources, model_input, normalise,
-                         prepare_image)
+from .preprocess import (PreparedImage, batched, check_workers, count_images, decode,
+                         decoded_window, image_header_size, iter_prepared, iter_sources,
+                         model_input, normalise, prepare_image)
 from .recipes import RecipeTrainer, resolve_recipe
 
 FORMAT = "simplenet_fast"
@@ -421,8 +421,8 @@ class SimpleNet(nn.Module):
 
     def score(self, images: Any, batch_size: int = 32, fused: bool | None = None,
               cuda_graph: bool = False, map_size: str | None = None, compile: bool = False,
-              progress: bool | Callable[[int], Any] | None = None, precision: str | None = None
-              ) -> AnomalyResult:
+              progress: bool | Callable[[int], Any] | None = None, precision: str | None = None,
+              workers: int = 0) -> AnomalyResult:
         """Score images (see `simplenet_fast.preprocess` for every accepted kind).
 
         Images are decoded and made into model inputs lazily, `batch_size` at a time (with
@@ -460,8 +460,13 @@ class SimpleNet(nn.Module):
             which is synchronised once per call, at the end).
         precision: this call's precision, "float32", "bfloat16" or "auto"; None (default) uses
             `model.precision`. A model trained in float32 scores in bf16 as it is.
+        workers: 0 (default) decodes and prepares each image in the calling thread, just before
+            its batch; N > 0 has N threads prepare the next batch while the model scores this
+            one (image files: decoding is usually the bottleneck on a GPU; PIL releases the GIL
+            while it decodes and resizes). Same results, in the same order, and the same errors.
         """
         _check_int("batch_size", batch_size, 1)
+        check_workers(workers)
         if compile and cuda_graph:
             raise ValueError("compile=True and cuda_graph=True are exclusive: pick one")
         if map_size is None:
@@ -480,14 +485,15 @@ class SimpleNet(nn.Module):
         run = _BatchRunner(self, batch_size, fused, cuda_graph, compile, precision)
         if self.tiling is not None:
             with _progress(progress, images) as report, torch.inference_mode():
-                stitched = self._score_tiled(images, run, report)
+                stitched = self._score_tiled(images, run, report, workers)
             # assembled outside inference mode, as below
             amap, scored = _gather_maps([(m, s) for _, m, s in stitched])
             return self._result(None, torch.stack([score for score, _, _ in stitched]), amap,
                                 scored)
         with _progress(progress, images) as report, torch.inference_mode():
             outputs = []
-            for chunk in batched(iter_prepared(images, self.geometry), batch_size):
+            prepared = iter_prepared(images, self.geometry, workers=workers, ahead=batch_size)
+            for chunk in batched(prepared, batch_size):
                 placements = [p.placement for p in chunk]
                 patch_scores, pred_score, amap = run([p.input for p in chunk], placements)
                 if map_size == "input":
@@ -510,11 +516,12 @@ class SimpleNet(nn.Module):
             amap, scored = _gather_maps(maps)
         return self._result(patch_scores, pred_score, amap, scored)
 
-    def _score_tiled(self, images: Any, run: "_BatchRunner", report: Callable[[int], Any]
-                     ) -> list[tuple[Tensor, Tensor, Optional[Tensor]]]:
+    def _score_tiled(self, images: Any, run: "_BatchRunner", report: Callable[[int], Any],
+                     workers: int = 0) -> list[tuple[Tensor, Tensor, Optional[Tensor]]]:
         """`score` with tiling: windows of every image, `batch_size` at a time, stitched back;
         (image score, map, scored mask or None) per image. `report` is called with the number
-        of images completed by each batch."""
+        of images completed by each batch; `workers` threads decode up to that many images
+        ahead (whole images: each can be large)."""
         done: list[tuple[Tensor, Tensor, Optional[Tensor]]] = []
         open_images: deque = deque()
         inputs: list[Tensor] = []
@@ -531,7 +538,7 @@ class SimpleNet(nn.Module):
                 done.append(open_images.popleft().result())
             report(len(done) - completed)
 
-        for prepared in iter_prepared(images, self.geometry):
+        for prepared in iter_prepared(images, self.geometry, workers=workers):
             stitcher = _Stitcher(prepared, self.device)
             open_images.append(stitcher)
             for top, left, window, placement in prepared.windows():

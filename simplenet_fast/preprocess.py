@@ -61,9 +61,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar, Union
 
 import numpy as np
 import torch
@@ -532,11 +534,69 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-def iter_prepared(images: Any, geometry: InputGeometry, keep_image: bool = False
-                  ) -> Iterator[PreparedImage]:
-    """`prepare_image` of every image of `images`, lazily: one image decoded at a time."""
-    for what, source in iter_sources(images):
-        yield prepare_image(source, geometry, what, keep_image)
+_Item, _Result = TypeVar("_Item"), TypeVar("_Result")
+
+
+def check_workers(workers: Any) -> int:
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"workers must be an int >= 0 (0: decode in the calling thread), got "
+                         f"{workers!r}")
+    return workers
+
+
+def prefetched(fn: Callable[[_Item], _Result], items: Iterable[_Item], workers: int, ahead: int
+               ) -> Iterator[_Result]:
+    """`fn(item)` for every item, in order. `workers` 0: lazily, in the calling thread. Else
+    `workers` threads compute up to `ahead` results beyond the one being consumed (PIL releases
+    the GIL while it decodes and resizes, so decoding runs in parallel, and beside the model).
+
+    `items` is drawn in the calling thread (a generator or a DataLoader need not be thread-safe),
+    and every exception, `fn`'s or the iteration's, comes out where its item would have; nothing
+    is drawn after it. Leaving early cancels what has not started.
+    """
+    if workers == 0:
+        yield from map(fn, items)
+        return
+    iterator = iter(items)
+    pending: deque[Future] = deque()
+    exhausted = False  # no more items, or the iteration failed
+
+    def draw() -> None:
+        nonlocal exhausted
+        try:
+            item = next(iterator)
+        except StopIteration:
+            exhausted = True
+            return
+        except Exception as error:  # raised in order, when the consumer reaches it
+            future: Future = Future()
+            future.set_exception(error)
+            pending.append(future)
+            exhausted = True
+            return
+        pending.append(pool.submit(fn, item))
+
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="simplenet_fast-decode")
+    try:
+        while not exhausted and len(pending) <= ahead:
+            draw()
+        while pending:
+            result = pending.popleft().result()
+            if not exhausted:
+                draw()
+            yield result
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def iter_prepared(images: Any, geometry: InputGeometry, keep_image: bool = False,
+                  workers: int = 0, ahead: int = 0) -> Iterator[PreparedImage]:
+    """`prepare_image` of every image of `images`, lazily: one image decoded at a time, or, with
+    `workers` > 0, by that many threads up to `ahead` images (at least `workers`) ahead of the
+    one being consumed (`prefetched`)."""
+    workers = check_workers(workers)
+    return prefetched(lambda pair: prepare_image(pair[1], geometry, pair[0], keep_image),
+                      iter_sources(images), workers, max(ahead, workers))
 
 
 def iter_batches(images: Any, batch_size: int, image_size: Any = 288, resize: Optional[int] = None,
@@ -585,5 +645,6 @@ def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 __all__ = ["preprocess_image", "prepare_image", "PreparedImage", "decode", "model_input",
            "image_header_size", "iter_sources", "iter_prepared", "iter_batches", "batched",
+           "prefetched", "check_workers",
            "count_images", "image_files", "image_paths", "normalise", "resized_size",
            "crop_offset", "IMAGE_EXTENSIONS"]

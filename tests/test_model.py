@@ -210,6 +210,38 @@ def test_forward_takes_uint8_crops(model):
         model(crops.float())
 
 
+def test_decoding_threads_give_the_same_result_and_errors(model, tmp_path):
+    """score(workers=N): the files decode in threads, ahead of the model; the scores, maps and
+    their order are those of workers=0, and a bad file fails the call naming it, as there."""
+    rng = np.random.RandomState(5)
+    paths = []
+    for i in range(7):
+        path = tmp_path / f"cell{i}.png"
+        Image.fromarray(rng.randint(0, 256, (72 + 3 * i, 90, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    serial = model.score(paths, batch_size=3)
+    for workers in (1, 3):
+        threaded = model.score(paths, batch_size=3, workers=workers)
+        torch.testing.assert_close(threaded.pred_score, serial.pred_score, rtol=0, atol=0)
+        torch.testing.assert_close(threaded.anomaly_map, serial.anomaly_map, rtol=0, atol=0)
+    tiled = small_model(tiling=(80, 64), resize_mode="whole", resize=None)
+    tiled.head.load_state_dict(model.head.state_dict())
+    big = tmp_path / "big.png"
+    Image.fromarray(rng.randint(0, 256, (150, 170, 3), dtype=np.uint8)).save(big)
+    expected = tiled.score([big, paths[0], big], batch_size=2)
+    got = tiled.score([big, paths[0], big], batch_size=2, workers=2)
+    torch.testing.assert_close(got.pred_score, expected.pred_score, rtol=0, atol=0)
+    for a, b in zip(got.anomaly_map, expected.anomaly_map):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not a png")
+    for workers in (0, 2):
+        with pytest.raises(ValueError, match="broken.png"):
+            model.score([*paths[:4], broken, *paths[4:]], batch_size=2, workers=workers)
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        model.score(paths, workers=-1)
+
+
 def test_bad_inputs_raise_through_score(model, tmp_path):
     with pytest.raises(ValueError, match="empty list"):
         model.score([])

@@ -360,3 +360,89 @@ def test_grayscale_kept_single_channel_until_the_crop_gives_the_rgb_bytes(shape,
     rgb_first = preprocess_image(gray.convert("RGB"), image_size, resize)
     assert fast.shape == (image_size, image_size, 3)
     assert torch.equal(fast, rgb_first)
+
+
+# ------------------------------------------------------------------------------- prefetching
+def test_prefetched_keeps_order_and_draws_items_in_the_calling_thread():
+    import random
+    import threading
+    import time
+
+    from simplenet_fast.preprocess import prefetched
+
+    caller, drawn_in, computed_in = threading.get_ident(), set(), set()
+
+    def items():
+        for i in range(40):
+            drawn_in.add(threading.get_ident())
+            yield i
+
+    def slow_square(i):
+        computed_in.add(threading.get_ident())
+        time.sleep(random.Random(i).uniform(0, 0.004))  # finish out of order
+        return i * i
+
+    for workers in (0, 1, 4):
+        drawn_in.clear(), computed_in.clear()
+        assert list(prefetched(slow_square, items(), workers, ahead=6)) == [i * i for i in range(40)]
+        assert drawn_in == {caller}
+        assert (computed_in == {caller}) == (workers == 0)
+
+
+def test_prefetched_raises_each_error_at_its_place_and_stops_drawing():
+    from simplenet_fast.preprocess import prefetched
+
+    def fails_at_5(i):
+        if i == 5:
+            raise ValueError("item 5 is bad")
+        return i
+
+    drawn = []
+
+    def items(stop_with=None):
+        for i in range(20):
+            if i == 7 and stop_with:
+                raise stop_with
+            drawn.append(i)
+            yield i
+
+    for workers in (0, 3):
+        got = []
+        with pytest.raises(ValueError, match="item 5 is bad"):
+            for value in prefetched(fails_at_5, items(), workers, ahead=4):
+                got.append(value)
+        assert got == [0, 1, 2, 3, 4]
+        # An error of the iteration itself comes out after the items before it, and ends it.
+        drawn.clear()
+        got = []
+        with pytest.raises(KeyError, match="listing failed"):
+            for value in prefetched(lambda i: i, items(KeyError("listing failed")), workers, ahead=4):
+                got.append(value)
+        assert got == list(range(7)) and drawn == list(range(7))
+
+
+def test_prefetched_is_lazy_and_bounded():
+    from simplenet_fast.preprocess import prefetched
+
+    drawn = []
+
+    def items():
+        for i in range(100):
+            drawn.append(i)
+            yield i
+
+    stream = prefetched(lambda i: i, items(), 2, ahead=5)
+    assert drawn == []  # nothing happens before the first value is asked for
+    assert next(stream) == 0
+    assert len(drawn) <= 7  # the one consumed, `ahead` more and the one drawn to replace it
+    stream.close()  # leaving early: nothing more is drawn
+    count = len(drawn)
+    assert count < 100 and len(drawn) == count
+
+
+@pytest.mark.parametrize("workers", [-1, 1.5, True, "2"])
+def test_bad_worker_counts_are_refused(workers):
+    from simplenet_fast.preprocess import iter_prepared
+
+    with pytest.raises(ValueError, match="workers must be an int >= 0"):
+        iter_prepared([rgb_array()], InputGeometry(SIZE, "crop", RESIZE), workers=workers)
