@@ -1317,8 +1317,8 @@ def score(images: Any, model: "SimpleNet | str | os.PathLike | None" = None,
     neither, a ValueError says how to set one. Loaded models are cached by (real path,
     modification time, size, device), so calling this in a loop loads the file once; a rewritten
     file is loaded again. `device` applies to paths only (default: the CPU, or the device given
-    to `use`). Other keyword arguments (`batch_size`, `fused`, `cuda_graph`, `precision`) go to
-    `SimpleNet.score`. Thread-safe.
+    to `use`). Other keyword arguments (`batch_size`, `fused`, `cuda_graph`, `precision`,
+    `workers`) go to `SimpleNet.score`. Thread-safe.
     """
     if model is None:
         model, default_device = _default_model()
