@@ -99,6 +99,7 @@ class Config:
     # to image_size (no border cut off)
     crop: bool = CHOSEN.resize_mode == "crop"
     recipe: str = CHOSEN.recipe  # simplenet_fast.recipes: a name or text form
+    train_batch: int = TRAIN_BATCH  # images per training step (fit's batch_size)
 
     @property
     def resize_mode(self) -> str:
@@ -118,8 +119,9 @@ class Config:
         p = f"/{self.pretrain}" if self.pretrain != self.embed_dim else ""
         view = "" if self.crop else " whole"
         recipe = "" if self.recipe == "paper" else f" [{self.recipe}]"
+        batch = "" if self.train_batch == TRAIN_BATCH else f" batch {self.train_batch}"
         return (f"{self.image_size}px{view} T{self.embed_dim}{p} H{self.hidden} "
-                f"noise {self.noise_std:g}{recipe} {self.epochs}ep")
+                f"noise {self.noise_std:g}{recipe}{batch} {self.epochs}ep")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -309,8 +311,10 @@ def image_scores(model: SimpleNet, f2: torch.Tensor, f3: torch.Tensor, fused: bo
 
 
 def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, seed: int,
-          checkpoints: dict | None = None, check_embedding: bool = False) -> tuple[float, list[float]]:
-    """`model.fit` on the crops of `rows`, its embedding cache filled from cached features.
+          checkpoints: dict | None = None, check_embedding: bool = False,
+          batch_size: int = TRAIN_BATCH) -> tuple[float, list[float]]:
+    """`model.fit` on the crops of `rows` (`batch_size` images per step), its embedding cache
+    filled from cached features.
 
     checkpoints: {epoch: callback(model)}, called with the head in eval mode when that epoch ends
     (the last epoch's after `fit` returns: a recipe's `finish` may still change the weights).
@@ -333,7 +337,7 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
     model._embed_all = embed_all
     spent = [0.0]
     if checkpoints:
-        step, steps_per_epoch, count = model._train_step, math.ceil(n / TRAIN_BATCH), [0]
+        step, steps_per_epoch, count = model._train_step, math.ceil(n / batch_size), [0]
 
         def train_step(*args):
             loss = step(*args)
@@ -350,7 +354,7 @@ def train(model: SimpleNet, feats: CellFeatures, rows: np.ndarray, epochs: int, 
     # fit takes the 300x300 images and crops them itself (a crop passed again would be resized)
     images = list(feats.raw[index.numpy()])
     start = time.perf_counter()
-    history = model.fit(images, epochs=epochs, batch_size=TRAIN_BATCH, seed=seed, progress=False,
+    history = model.fit(images, epochs=epochs, batch_size=batch_size, seed=seed, progress=False,
                         feature_cache_bytes=1 << 40)
     seconds = time.perf_counter() - start - spent[0]
     del model._embed_all
@@ -383,9 +387,10 @@ class Features:
 
 
 def run_select(args, cell_types, log) -> dict:
-    grid = [Config(s, t, args.pretrain_dim, h, n, max(args.checkpoints), c, r)
+    grid = [Config(s, t, args.pretrain_dim, h, n, max(args.checkpoints), c, r, b)
             for s in args.image_sizes for c in args.crops for t in args.embed_dims
-            for h in args.hiddens for r in args.recipes for n in args.noise_stds]
+            for h in args.hiddens for r in args.recipes for n in args.noise_stds
+            for b in args.train_batches]
     feats = Features(log, synthetic=True, cache_dir=args.feature_cache)
     rows = []
     train_seeds = args.train_seeds or [args.val_seed]
@@ -421,7 +426,8 @@ def select_run(cfg: Config, ct: str, f: CellFeatures, fit_rows: np.ndarray, val:
     def evaluate(m, epoch):
         results[epoch] = val.metrics(patch_scores(m, val.f2, val.f3, fused=True), m.sigma)
     seconds, history = train(model, f, fit_rows, cfg.epochs, seed,
-                             {e: (lambda m, e=e: evaluate(m, e)) for e in checkpoints})
+                             {e: (lambda m, e=e: evaluate(m, e)) for e in checkpoints},
+                             batch_size=cfg.train_batch)
     for e in checkpoints:
         at = replace(cfg, epochs=e)
         rows.append({"cell_type": ct, **asdict(at), "train_seed": seed, **results[e],
@@ -739,7 +745,7 @@ def run_protocol(args, cell_types, log) -> dict:
             split = elpv_split(ct, seed)
             model = make_model(cfg, feats.backbone)
             seconds, history = train(model, f, split.train_index, cfg.epochs, seed,
-                                     check_embedding=k == 0)
+                                     check_embedding=k == 0, batch_size=cfg.train_batch)
             test_index = f.index(split.test_index)
             test_patches = patch_scores(model, f.f2[test_index], f.f3[test_index], fused=True)
             fused = test_patches.amax((1, 2)).numpy()
@@ -834,6 +840,8 @@ def main(argv=None) -> int:
     p.add_argument("--hiddens", type=int, nargs="+", default=[128])
     p.add_argument("--noise-stds", type=float, nargs="+", default=[0.015])
     p.add_argument("--recipes", nargs="+", default=["paper"])
+    p.add_argument("--train-batches", type=int, nargs="+", default=[TRAIN_BATCH],
+                   help="images per training step (fit's batch_size)")
     p.add_argument("--checkpoints", type=int, nargs="+", default=[10, 20])
     p.add_argument("--train-seeds", type=int, nargs="+", default=None,
                    help="training seeds of --select (default: --val-seed); the rule's stability "
