@@ -124,6 +124,12 @@ def _job_options() -> argparse.ArgumentParser:
     return p
 
 
+def _workers_option(group) -> None:
+    group.add_argument("--workers", type=_positive_int, default=4,
+                       help="threads decoding images while the model runs, per process "
+                            "(default: 4)")
+
+
 def _precision_option(group, default_help: str) -> None:
     group.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default=None,
                        help="auto: bfloat16 where the device computes it natively and the backbone "
@@ -307,8 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
     faults.add_argument("--skip-errors", action="store_true",
                         help="deprecated (going on is now the default): also put unreadable "
                              "images in the CSV, with label 'error' and an error column")
-    p.add_argument("--workers", type=_positive_int, default=4,
-                   help="threads decoding images while the model runs, per process (default: 4)")
+    _workers_option(p)
     _precision_option(p, "default: the model's own setting")
     p.set_defaults(func=cmd_score)
 
@@ -336,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", metavar="OUT.csv", default=None, help="also write the table here")
     p.add_argument("--score-batch-size", type=_positive_int, default=16,
                    help="images per forward pass when scoring (default: 16)")
+    _workers_option(p)
     p.add_argument("--save-dir", metavar="DIR", default=None,
                    help="with --train, save each trained model as DIR/<name>.pt")
     p.set_defaults(func=cmd_eval)
@@ -559,12 +565,13 @@ def _progress(total: int, desc: str, quiet: bool, unit: str = "img"):
 
 
 def _score_list(model, images: list, batch_size: int, quiet: bool, desc: str = "scoring",
-                map_size: Optional[str] = None):
+                map_size: Optional[str] = None, workers: int = 0):
     """`model.score(images)` in one call (one device synchronisation on CUDA), with a progress
-    bar that advances per batch (maps of different sizes come back as a list)."""
+    bar that advances per batch (maps of different sizes come back as a list); `workers`
+    decoding threads."""
     with _progress(len(images), desc, quiet) as bar:
         return model.score(images, batch_size=batch_size, map_size=map_size,
-                           progress=bar.update)
+                           progress=bar.update, workers=workers)
 
 
 def _geometry_text(model) -> str:
@@ -736,7 +743,8 @@ def _eval_one(name: str, model, train_images, test_images, labels, masks, args, 
     if mine:
         # Pixel metrics at the masks' own resolution (SPEC 8): maps in the images' pixels.
         result = _score_list(model, mine, args.score_batch_size, args.quiet or not world.is_main,
-                             map_size="input" if masks is not None else None)
+                             map_size="input" if masks is not None else None,
+                             workers=args.workers)
         scores = result.pred_score.float().cpu().tolist()
         if masks is not None:
             maps = [m.float().cpu().numpy() for m in result.anomaly_map]

@@ -460,6 +460,21 @@ def test_eval_scores_in_one_call_with_progress_per_batch(trained, tmp_path, monk
     assert "6/6" in capsys.readouterr().err  # the bar reached the total
 
 
+def test_eval_decodes_in_the_threads_it_is_given(trained, tmp_path, monkeypatch):
+    category = mvtec_category(tmp_path / "cat", seed=4)
+    workers, original = [], SimpleNet.score
+
+    def spy(self, images, **kwargs):
+        workers.append(kwargs["workers"])
+        return original(self, images, **kwargs)
+
+    monkeypatch.setattr(SimpleNet, "score", spy)
+    for given, expected in (([], 4), (["--workers", "2"], 2)):
+        assert main(["eval", str(category), "--model", str(trained), "--quiet"] + given) == EXIT_OK
+        assert workers.pop() == expected
+    assert main(["eval", str(category), "--model", str(trained), "--workers", "0"]) == EXIT_USAGE
+
+
 def test_eval_root_of_categories(tmp_path, trained, capsys):
     root = tmp_path / "mvtec"
     mvtec_category(root / "a", seed=1)
