@@ -356,7 +356,9 @@ def test_child_processes_import_the_package_under_test():
 
 
 def _check(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
-    assert result.returncode == 0, result.stderr[-3000:]
+    # Both ends of stderr: torchrun's summary at the end can push a rank's own error out of view.
+    err = result.stderr
+    assert result.returncode == 0, err if len(err) <= 6000 else f"{err[:3000]}\n...\n{err[-3000:]}"
     return result
 
 
