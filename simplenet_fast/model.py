@@ -30,9 +30,9 @@ from .geometry import (InputGeometry, Placement, Tiling, fill_unscored, mask_pad
                        mask_padding, real_pixel_mask, zero_padding)
 from .head import SimpleNetHead, check_scores
 from .postprocess import anomaly_map as _anomaly_map, check_sigma
-from .preprocess import (PreparedImage, batched, check_workers, count_images, decode,
-                         decoded_window, image_header_size, iter_prepared, iter_sources,
-                         model_input, normalise, prepare_image)
+from .preprocess import (PreparedImage, batched, count_images, decode, decoded_window,
+                         image_header_size, iter_prepared, iter_sources, model_input, normalise,
+                         prepare_image)
 from .recipes import RecipeTrainer, resolve_recipe
 
 FORMAT = "simplenet_fast"
@@ -466,7 +466,6 @@ class SimpleNet(nn.Module):
             while it decodes and resizes). Same results, in the same order, and the same errors.
         """
         _check_int("batch_size", batch_size, 1)
-        check_workers(workers)
         if compile and cuda_graph:
             raise ValueError("compile=True and cuda_graph=True are exclusive: pick one")
         if map_size is None:

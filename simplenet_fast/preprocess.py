@@ -332,9 +332,9 @@ def _window_input(pixels: np.ndarray, placement: Placement) -> Tensor:
     window at the placement's offset, grey replicated and alpha dropped as `convert("RGB")`."""
     (top, left), (height, width) = placement.offset, placement.image_size
     window = pixels[top:top + height, left:left + width]
-    if window.ndim == 2:
-        window = window[:, :, None].repeat(3, axis=2)
-    return torch.from_numpy(np.array(window[:, :, :3], dtype=np.uint8, order="C", copy=True))
+    rgb = (np.broadcast_to(window[:, :, None], (*window.shape, 3)) if window.ndim == 2
+           else window[:, :, :3])
+    return torch.from_numpy(np.array(rgb, dtype=np.uint8, order="C", copy=True))  # one copy
 
 
 # ---------------------------------------------------------------------------------- one image
@@ -537,7 +537,8 @@ def batched(items: Iterable, size: int) -> Iterator[list]:
 _Item, _Result = TypeVar("_Item"), TypeVar("_Result")
 
 
-def check_workers(workers: Any) -> int:
+def _check_workers(workers: Any) -> int:
+    """`workers` checked: an int >= 0 (decoding threads; 0: the calling thread)."""
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 0:
         raise ValueError(f"workers must be an int >= 0 (0: decode in the calling thread), got "
                          f"{workers!r}")
@@ -594,7 +595,7 @@ def iter_prepared(images: Any, geometry: InputGeometry, keep_image: bool = False
     """`prepare_image` of every image of `images`, lazily: one image decoded at a time, or, with
     `workers` > 0, by that many threads up to `ahead` images (at least `workers`) ahead of the
     one being consumed (`prefetched`)."""
-    workers = check_workers(workers)
+    workers = _check_workers(workers)
     return prefetched(lambda pair: prepare_image(pair[1], geometry, pair[0], keep_image),
                       iter_sources(images), workers, max(ahead, workers))
 
@@ -645,6 +646,6 @@ def normalise(batch: Tensor, mean: Tensor, std: Tensor) -> Tensor:
 
 __all__ = ["preprocess_image", "prepare_image", "PreparedImage", "decode", "model_input",
            "image_header_size", "iter_sources", "iter_prepared", "iter_batches", "batched",
-           "prefetched", "check_workers",
+           "prefetched",
            "count_images", "image_files", "image_paths", "normalise", "resized_size",
            "crop_offset", "IMAGE_EXTENSIONS"]
