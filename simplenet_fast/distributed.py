@@ -84,7 +84,7 @@ FSYNC_SECONDS = 10.0      # a power loss loses at most this much of a rank's wor
 _WORK_SUFFIX = ".parts"
 _JOB_FILE = "job.json"
 _JOB_VERSION = 1
-_LET_GO_S = 10.0          # most a collective waits for the process group to free its tensors
+_LET_GO_S = 2.0           # most a collective waits for gloo to free its tensors (it takes ~ms)
 _WARN_ERRORS = 5          # unreadable images named on stderr before "... and N more"
 
 __all__ = ["score_files", "JobSummary", "JobError", "UnreadableImageError", "World", "session",
