@@ -47,7 +47,8 @@ Under torchrun the whole job then exits non-zero, and its elastic restart (`--ma
 
 Collectives: the default process group is gloo on CPUs and nccl on GPUs; the job's own control
 messages (the run's id, the barrier with its timeout, the summary) go over a gloo group, which
-notices a dead peer at once and never needs a GPU.
+notices a dead peer at once and never needs a GPU; each returns only once that group has let go
+of the message's tensors (`_exchange`: else a process can abort as it exits).
 """
 from __future__ import annotations
 
@@ -59,12 +60,14 @@ import heapq
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import tempfile
 import time
 import uuid
 import warnings
+import weakref
 import zlib
 from array import array
 from dataclasses import dataclass, field
@@ -81,6 +84,7 @@ FSYNC_SECONDS = 10.0      # a power loss loses at most this much of a rank's wor
 _WORK_SUFFIX = ".parts"
 _JOB_FILE = "job.json"
 _JOB_VERSION = 1
+_LET_GO_S = 2.0           # most a collective waits for gloo to free its tensors (it takes ~ms)
 _WARN_ERRORS = 5          # unreadable images named on stderr before "... and N more"
 
 __all__ = ["score_files", "JobSummary", "JobError", "UnreadableImageError", "World", "session",
@@ -247,25 +251,79 @@ def _collective(world: World, what: str, call, *args, **kwargs):
         ) from error
 
 
-def _broadcast(world: World, value: Any, what: str) -> Any:
-    """Rank 0's `value` on every rank."""
-    if not world.distributed:
-        return value
+def _exchange(world: World, what: str, payload: bytes, kind: str) -> list:
+    """Byte strings between the ranks over the control group: "broadcast" gives rank 0's payload
+    on every rank ([payload]), "all_gather" every rank's in rank order, "gather" every rank's in
+    rank order on rank 0 ([] elsewhere).
+
+    torch's object collectives (broadcast_object_list, ...) would do this, but they hand the
+    process group tensors that only they reference: gloo's worker thread lets go of a collective's
+    tensors a moment after the call returns, and a tensor made in Python then frees its Python
+    object from that thread. When the interpreter has begun to shut down by then, Python ends the
+    thread in the middle of C++ destructors and the process aborts ("terminate called without an
+    active exception", pytorch/pytorch#179291): rank 0 of a job that had completed, now and
+    then. So the tensors are made here, and this returns only once the process group has let go
+    of all of them (`_let_go`).
+    """
     import torch.distributed as dist
 
-    box = [value if world.is_main else None]
-    _collective(world, what, dist.broadcast_object_list, box, src=0)
-    return box[0]
+    handed: list = []  # every tensor given to the process group
+
+    def run() -> list:
+        size = torch.tensor([len(payload)], dtype=torch.int64)
+        if kind == "broadcast":
+            handed.append(size)
+            _collective(world, what, dist.broadcast, size, src=0)
+            data = (torch.frombuffer(bytearray(payload), dtype=torch.uint8) if world.is_main
+                    else torch.empty(int(size), dtype=torch.uint8))
+            handed.append(data)
+            _collective(world, what, dist.broadcast, data, src=0)
+            return [data.numpy().tobytes()]
+        sizes = [torch.empty(1, dtype=torch.int64) for _ in range(world.size)]
+        handed.extend([size, *sizes])
+        _collective(world, what, dist.all_gather, sizes, size)
+        lengths = [int(s) for s in sizes]
+        mine = torch.zeros(max(lengths), dtype=torch.uint8)  # gloo needs equal sizes: padded
+        mine[:len(payload)] = torch.frombuffer(bytearray(payload), dtype=torch.uint8)
+        parts = [torch.empty(max(lengths), dtype=torch.uint8) for _ in range(world.size)] \
+            if kind == "all_gather" or world.is_main else None
+        handed.extend([mine, *(parts or [])])
+        if kind == "all_gather":
+            _collective(world, what, dist.all_gather, parts, mine)
+        else:
+            _collective(world, what, dist.gather, mine, parts, dst=0)
+        return [p[:n].numpy().tobytes() for p, n in zip(parts, lengths)] if parts else []
+
+    # Once run() returns, `handed` alone references its tensors. When it raises, the job fails:
+    # its traceback keeps them, and nothing waits for them.
+    received = run()
+    _let_go(handed)
+    return received
+
+
+def _let_go(tensors: list) -> None:
+    """Empties `tensors` and waits, without the GIL, until nothing else holds any of them (the
+    process group's worker threads: `_exchange`), for at most `_LET_GO_S`."""
+    refs = [weakref.ref(t) for t in tensors]
+    tensors.clear()
+    deadline = time.monotonic() + _LET_GO_S
+    while any(r() is not None for r in refs) and time.monotonic() < deadline:
+        time.sleep(0.0002)
+
+
+def _broadcast(world: World, value: Any, what: str) -> Any:
+    """Rank 0's `value` on every rank. Values are pickled, as torch's object collectives do: the
+    ranks of one job trust each other."""
+    if not world.distributed:
+        return value
+    payload = _exchange(world, what, pickle.dumps(value) if world.is_main else b"", "broadcast")
+    return value if world.is_main else pickle.loads(payload[0])
 
 
 def _all_gather(world: World, value: Any, what: str) -> list:
     if not world.distributed:
         return [value]
-    import torch.distributed as dist
-
-    out: list = [None] * world.size
-    _collective(world, what, dist.all_gather_object, out, value)
-    return out
+    return [pickle.loads(p) for p in _exchange(world, what, pickle.dumps(value), "all_gather")]
 
 
 def _barrier(world: World, what: str) -> None:
@@ -284,10 +342,8 @@ def gather_in_order(world: World, mine: Sequence[Any]) -> Optional[list]:
     meant for evaluation-sized sets (scores, and maps where masks exist)."""
     if not world.distributed:
         return list(mine)
-    import torch.distributed as dist
-
-    parts: Optional[list] = [None] * world.size if world.is_main else None
-    _collective(world, "gathering the results", dist.gather_object, list(mine), parts, dst=0)
+    parts = [pickle.loads(p) for p in _exchange(world, "gathering the results",
+                                                 pickle.dumps(list(mine)), "gather")]
     if not world.is_main:
         return None
     total = sum(len(p) for p in parts)
