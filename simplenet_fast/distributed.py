@@ -278,7 +278,7 @@ def _exchange(world: World, what: str, payload: bytes, kind: str) -> list:
                     else torch.empty(int(size), dtype=torch.uint8))
             handed.append(data)
             _collective(world, what, dist.broadcast, data, src=0)
-            return [data.numpy().tobytes()]
+            return [payload if world.is_main else data.numpy().tobytes()]
         sizes = [torch.empty(1, dtype=torch.int64) for _ in range(world.size)]
         handed.extend([size, *sizes])
         _collective(world, what, dist.all_gather, sizes, size)
