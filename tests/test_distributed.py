@@ -479,8 +479,7 @@ def recording(call):
     return collective
 
 
-for name in ("broadcast", "all_gather", "gather", "broadcast_object_list", "all_gather_object",
-             "gather_object"):  # the module's names and the ones torch's own helpers call
+for name in ("broadcast", "all_gather", "gather"):  # torch's object helpers call these too
     wrapped = recording(getattr(distributed_c10d, name))
     setattr(distributed_c10d, name, wrapped)
     setattr(dist, name, wrapped)
