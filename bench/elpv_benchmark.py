@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import inspect
 import json
 import math
 import os
@@ -85,6 +86,7 @@ SCORE_BATCH = 16
 # library's declared default for this backbone; the defaults below read it from there, so the two
 # cannot drift.
 CHOSEN = default_config("efficientnet_lite0")
+SPEC_MARGIN = inspect.signature(SimpleNet).parameters["margin"].default
 
 
 @dataclass(frozen=True)
@@ -100,6 +102,7 @@ class Config:
     crop: bool = CHOSEN.resize_mode == "crop"
     recipe: str = CHOSEN.recipe  # simplenet_fast.recipes: a name or text form
     train_batch: int = TRAIN_BATCH  # images per training step (fit's batch_size)
+    margin: float = SPEC_MARGIN  # the truncated L1 loss's margin (SimpleNet's `margin`)
 
     @property
     def resize_mode(self) -> str:
@@ -120,8 +123,9 @@ class Config:
         view = "" if self.crop else " whole"
         recipe = "" if self.recipe == "paper" else f" [{self.recipe}]"
         batch = "" if self.train_batch == TRAIN_BATCH else f" batch {self.train_batch}"
+        margin = "" if self.margin == SPEC_MARGIN else f" margin {self.margin:g}"
         return (f"{self.image_size}px{view} T{self.embed_dim}{p} H{self.hidden} "
-                f"noise {self.noise_std:g}{recipe}{batch} {self.epochs}ep")
+                f"noise {self.noise_std:g}{recipe}{batch}{margin} {self.epochs}ep")
 
 
 # ---------------------------------------------------------------------------------- data
@@ -278,7 +282,8 @@ def validation_split(features: CellFeatures, train_rows: np.ndarray) -> tuple[np
 def make_model(cfg: Config, backbone) -> SimpleNet:
     return SimpleNet(backbone=backbone, image_size=cfg.image_size, resize_mode=cfg.resize_mode,
                      pretrain_embed_dim=cfg.pretrain, target_embed_dim=cfg.embed_dim,
-                     hidden=cfg.hidden, noise_std=cfg.noise_std, recipe=cfg.recipe)
+                     hidden=cfg.hidden, noise_std=cfg.noise_std, recipe=cfg.recipe,
+                     margin=cfg.margin)
 
 
 def embeddings(model: SimpleNet, feats: CellFeatures, index: torch.Tensor) -> torch.Tensor:
@@ -387,10 +392,10 @@ class Features:
 
 
 def run_select(args, cell_types, log) -> dict:
-    grid = [Config(s, t, args.pretrain_dim, h, n, max(args.checkpoints), c, r, b)
+    grid = [Config(s, t, args.pretrain_dim, h, n, max(args.checkpoints), c, r, b, m)
             for s in args.image_sizes for c in args.crops for t in args.embed_dims
             for h in args.hiddens for r in args.recipes for n in args.noise_stds
-            for b in args.train_batches]
+            for b in args.train_batches for m in args.margins]
     feats = Features(log, synthetic=True, cache_dir=args.feature_cache)
     rows = []
     train_seeds = args.train_seeds or [args.val_seed]
@@ -683,7 +688,7 @@ def run_nearest_neighbour(args, cell_types, log) -> dict:
     not reproduced: the exact memory is its upper bound). Scored on the validation set of
     `--val-seed` (as `--select`) and on the test set of every seed in `--seeds`."""
     cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
-                 args.epochs, args.crop, args.recipe)
+                 args.epochs, args.crop, args.recipe, margin=args.margin)
     feats = Features(log, synthetic=True, cache_dir=args.feature_cache)
     log(f"nearest neighbour on {cfg.label().split(' H')[0]} embeddings, memory fraction "
         f"{args.nn_memory_fraction:g}, validation of seed {args.val_seed}, test seeds {args.seeds}")
@@ -735,7 +740,7 @@ def synthetic_summary(row: dict) -> str:
 
 def run_protocol(args, cell_types, log) -> dict:
     cfg = Config(args.image_size, args.embed_dim, args.pretrain_dim, args.hidden, args.noise_std,
-                 args.epochs, args.crop, args.recipe)
+                 args.epochs, args.crop, args.recipe, margin=args.margin)
     feats = Features(log, cache_dir=args.feature_cache)
     log(f"protocol: {cfg.label()}, seeds {args.seeds}, {cell_types}")
     rows = []
@@ -824,6 +829,8 @@ def main(argv=None) -> int:
     p.add_argument("--crop", dest="crop", action="store_true", default=Config.crop,
                    help="the paper's resize-then-centre-crop instead of resizing the whole cell")
     p.add_argument("--noise-std", type=float, default=Config.noise_std)
+    p.add_argument("--margin", type=float, default=Config.margin,
+                   help="the training loss's margin (SimpleNet's `margin`, SPEC 2)")
     p.add_argument("--recipe", default=Config.recipe,
                    help="training recipe: a name of simplenet_fast.recipes.RECIPES or a text form")
     p.add_argument("--reference-seeds", type=int, nargs="*", default=None,
@@ -840,6 +847,7 @@ def main(argv=None) -> int:
     p.add_argument("--hiddens", type=int, nargs="+", default=[128])
     p.add_argument("--noise-stds", type=float, nargs="+", default=[0.015])
     p.add_argument("--recipes", nargs="+", default=["paper"])
+    p.add_argument("--margins", type=float, nargs="+", default=[Config.margin])
     p.add_argument("--train-batches", type=int, nargs="+", default=[TRAIN_BATCH],
                    help="images per training step (fit's batch_size)")
     p.add_argument("--checkpoints", type=int, nargs="+", default=[10, 20])
